@@ -1,0 +1,54 @@
+"""interplab: a fast, tested workbench for mechanistic interpretability.
+
+Everything speaks TransformerLens hook names. Heavy submodules (torch, transformers,
+TransformerLens) are imported only when a name that needs them is first used, so
+`import interplab` and `interplab --help` stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from interplab.errors import InterplabError
+
+__version__ = "0.1.0"
+
+# public name -> "module:attribute" (attribute None means the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "load_model": ("interplab.models", "load_model"),
+    "list_organisms": ("interplab.models", "list_organisms"),
+    "weights": ("interplab.models", "weights"),
+    "activations": ("interplab.data.activations", "activations"),
+    "ActivationStore": ("interplab.data.activations", "ActivationStore"),
+    "corpus": ("interplab.data.corpus", None),
+    "tasks": ("interplab.data.tasks", None),
+    "runs": ("interplab.runs", None),
+    "recipes": ("interplab.recipes", None),
+    "models": ("interplab.models", None),
+    "data": ("interplab.data", None),
+    "toys": ("interplab.toys", None),
+    "dictionaries": ("interplab.dictionaries", None),
+}
+
+__all__ = ["InterplabError", "__version__", *sorted(_LAZY)]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'interplab' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attribute is None else getattr(module, attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from interplab import corpus, data, dictionaries, models, recipes, runs, tasks, toys
+    from interplab.data.activations import ActivationStore, activations
+    from interplab.models import list_organisms, load_model, weights

@@ -1,0 +1,1 @@
+"""interplab.data.tasks."""

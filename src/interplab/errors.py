@@ -19,7 +19,9 @@ def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:
     return difflib.get_close_matches(name, list(choices), n=n, cutoff=0.5)
 
 
-def unknown(kind: str, name: str, choices: Iterable[str], *, show_all: bool = False) -> InterplabError:
+def unknown(
+    kind: str, name: str, choices: Iterable[str], *, show_all: bool = False
+) -> InterplabError:
     """An error for a name that is not among `choices`, suggesting the nearest valid ones.
 
     With `show_all`, the message lists every valid choice (for short lists such as organisms).

@@ -1,0 +1,7 @@
+"""Building blocks of `interplab.models.train_lm`, the trainer of interplab's model organisms.
+
+`config` holds the typed configs, `architectures` the one adapter place that turns an
+`LMConfig` into a HuggingFace model, `data` the deterministic batch order, `schedule`
+the optimizer and learning-rate schedule, `checkpoints` the atomic checkpoint folders.
+Nothing is imported here, so importing one module stays cheap.
+"""

@@ -8,7 +8,7 @@ TransformerLens) are imported only when a name that needs them is first used, so
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from interplab.errors import InterplabError
 
@@ -24,6 +24,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "corpus": ("interplab.data.corpus", None),
     "tasks": ("interplab.data.tasks", None),
     "runs": ("interplab.runs", None),
+    "run_recipe": ("interplab.runs", "run_recipe"),
+    "Report": ("interplab.runs", "Report"),
     "recipes": ("interplab.recipes", None),
     "models": ("interplab.models", None),
     "data": ("interplab.data", None),
@@ -46,9 +48,3 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return __all__
-
-
-if TYPE_CHECKING:  # pragma: no cover
-    from interplab import corpus, data, dictionaries, models, recipes, runs, tasks, toys
-    from interplab.data.activations import ActivationStore, activations
-    from interplab.models import list_organisms, load_model, weights

@@ -1,1 +1,1 @@
-"""interplab.data."""
+"""Data: corpora, task datasets, and activation collection."""

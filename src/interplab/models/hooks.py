@@ -32,7 +32,27 @@ def check_hook_names(model: Any, names: str | Iterable[str]) -> list[str]:
                 f"hook name {name!r} is not in this model ({len(valid)} hook points; "
                 f"`interplab info MODEL` lists them).{hint}"
             )
+    enable_optional_hooks(model, names)
     return names
+
+
+# Hook points TransformerLens computes only on request (they cost memory or time).
+_OPTIONAL = {
+    "hook_mlp_in": "set_use_hook_mlp_in",
+    "hook_attn_in": "set_use_attn_in",
+    "hook_q_input": "set_use_split_qkv_input",
+    "hook_k_input": "set_use_split_qkv_input",
+    "hook_v_input": "set_use_split_qkv_input",
+    "hook_result": "set_use_attn_result",
+}
+
+
+def enable_optional_hooks(model: Any, names: Iterable[str]) -> None:
+    """Switch on the optional hook points among `names` (e.g. `attn.hook_result`)."""
+    for name in names:
+        setter = _OPTIONAL.get(name.rsplit(".", 1)[-1])
+        if setter and hasattr(model, setter):
+            getattr(model, setter)(True)
 
 
 def layer_of_hook(name: str, n_layers: int) -> int:

@@ -122,12 +122,25 @@ def test_include_bos_and_late_hooks(model):
         assert torch.allclose(store.all(h), ref[h][:32], atol=1e-5)
 
 
-def test_stops_after_last_needed_layer(model):
-    from interplab.data.activations import _stop_layer
+def test_forward_stops_after_the_last_needed_hook(model):
+    ids = windows()
+    later = {"n": 0}
 
-    assert _stop_layer(model, ["blocks.0.hook_resid_post"]) == 1
-    assert _stop_layer(model, ["blocks.0.hook_resid_post", "blocks.1.attn.hook_z"]) is None
-    assert _stop_layer(model, ["hook_embed"]) == 0
+    def count(tensor, hook):
+        later["n"] += 1
+
+    with model.hooks(
+        fwd_hooks=[("blocks.1.hook_resid_pre", count), ("ln_final.hook_scale", count)]
+    ):
+        il.activations(
+            model, ["blocks.0.hook_attn_out"], ids, n_tokens=60, context_size=16, progress=False
+        ).all()
+    assert later["n"] == 0
+    with model.hooks(fwd_hooks=[("ln_final.hook_scale", count)]):
+        il.activations(
+            model, ["blocks.1.hook_resid_post"], ids, n_tokens=60, context_size=16, progress=False
+        ).all()
+    assert later["n"] == 0
 
 
 def test_shuffled_batches_are_a_permutation(model):

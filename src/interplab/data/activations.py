@@ -2,7 +2,7 @@
 
 `activations(model, hooks, corpus, n_tokens, ...)` runs the model over packed windows of
 `corpus` (see `interplab.data.corpus`), capturing every requested hook point in the same
-forward pass, which stops after the last block any hook needs. Activations are flattened
+forward pass, which stops right after the last of them fires. Activations are flattened
 to rows `[tokens, d]`; window position 0 (BOS, an outlier in norm) is dropped unless
 `include_bos=True`.
 
@@ -14,6 +14,7 @@ resumes where it stopped; a folder holding a different cache is refused, never o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -240,7 +241,8 @@ class _Collector:
     include_bos: bool
     n_tokens: int
     progress: bool
-    stop_at_layer: int | None
+    last_hook: str
+    """The requested hook that fires last: the forward pass stops right after it."""
     captured: dict[str, Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -250,6 +252,8 @@ class _Collector:
         # Bridge hook names are aliases (hook_resid_post -> hook_out): key by the requested name.
         def capture(tensor: Tensor, hook: Any) -> None:
             self.captured[name] = tensor.detach()
+            if name == self.last_hook:
+                raise _StopForward
 
         return capture
 
@@ -272,7 +276,8 @@ class _Collector:
                     break
                 tokens = self.windows[start : start + self.batch_size].to(self.device)
                 self.captured.clear()
-                self.model(tokens, stop_at_layer=self.stop_at_layer)
+                with contextlib.suppress(_StopForward):
+                    self.model(tokens)
                 rows = {}
                 for h in self.hooks:
                     act = self.captured[h]
@@ -292,27 +297,33 @@ class _Collector:
         bar.close()
 
 
-def _stop_layer(model: Any, hooks: list[str]) -> int | None:
-    from interplab.models.hooks import layer_of_hook
-
-    n_layers = model.cfg.n_layers
-    last = max(layer_of_hook(h, n_layers) for h in hooks)
-    return None if last >= n_layers - 1 else last + 1
+class _StopForward(Exception):
+    """Raised inside the last needed hook to skip the rest of the forward pass."""
 
 
-def _hook_widths(model: Any, hooks: list[str], windows: Tensor, stop: int | None) -> dict[str, int]:
+def _probe(model: Any, hooks: list[str], windows: Tensor) -> tuple[dict[str, int], str]:
+    """Width of each hook's rows, and which requested hook fires last (one tiny forward)."""
     captured: dict[str, Tensor] = {}
 
     def grab(name: str) -> Any:
         def capture(tensor: Tensor, hook: Any) -> None:
             captured[name] = tensor
+            if len(captured) == len(hooks):
+                raise _StopForward
 
         return capture
 
     device = next(model.parameters()).device
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(h, grab(h)) for h in hooks]):
-        model(windows[:1, :8].to(device), stop_at_layer=stop)
-    return {h: int(captured[h].shape[-1]) for h in hooks}
+    with (
+        torch.inference_mode(),
+        model.hooks(fwd_hooks=[(h, grab(h)) for h in hooks]),
+        contextlib.suppress(_StopForward),
+    ):
+        model(windows[:1, : min(8, windows.shape[1])].to(device))
+    missing = [h for h in hooks if h not in captured]
+    if missing:
+        raise InterplabError(f"hook points {missing} did not fire in a forward pass of this model.")
+    return {h: int(captured[h].shape[-1]) for h in hooks}, list(captured)[-1]
 
 
 def read_manifest(folder: Path) -> CacheManifest | None:
@@ -389,10 +400,9 @@ def activations(
     else:
         packed = pack(corpus, getattr(model, "tokenizer", None), context_size, n_windows, seed=seed)
 
-    stop = _stop_layer(model, hooks)
-    widths = _hook_widths(model, hooks, packed.ids, stop)
+    widths, last_hook = _probe(model, hooks, packed.ids)
     collector = _Collector(
-        model, hooks, packed.ids, batch_size, include_bos, n_tokens, progress, stop
+        model, hooks, packed.ids, batch_size, include_bos, n_tokens, progress, last_hook
     )
 
     if out is None:

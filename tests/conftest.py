@@ -108,4 +108,5 @@ def tokenizer():
 
 @pytest.fixture(autouse=True, scope="session")
 def _threads():
-    torch.set_num_threads(2)
+    # Test tensors are tiny: one thread avoids OpenMP start-up costs (and contention).
+    torch.set_num_threads(1)

@@ -25,10 +25,20 @@ app = typer.Typer(
 
 
 @app.command("models")
-def models_command() -> None:
+def models_command(
+    recipes: Annotated[
+        bool, typer.Option("--recipes", help="List the organism recipes instead.")
+    ] = False,
+) -> None:
     """List the bundled model organisms with one-line cards."""
     from interplab.models.organisms import list_organisms
 
+    if recipes:
+        from interplab.models.organisms.suite import SUITE
+
+        for spec in SUITE.values():
+            typer.echo(f"{spec.name:<22} {spec.description}")
+        return
     cards = list_organisms()
     if not cards:
         typer.echo(
@@ -100,6 +110,51 @@ def cache_command(
     )
     widths = ", ".join(f"{h} (d={d})" for h, d in store.d.items())
     typer.echo(f"cached {store.n_tokens:,} tokens of {widths}\n-> {out}")
+
+
+@app.command("scorecard")
+def scorecard_command(
+    model: Annotated[str, typer.Argument(help="Organism name, local HF directory, or hub id.")],
+    phenomenon: Annotated[
+        list[str] | None, typer.Option("--phenomenon", help="Score only these (repeatable).")
+    ] = None,
+    n: Annotated[int, typer.Option(help="Prompts per phenomenon.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the prompts.")] = 0,
+    save: Annotated[
+        Path | None, typer.Option(help="Also write the scorecard as JSON here.")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
+) -> None:
+    """Score MODEL on every storyworld phenomenon, on held-out phrasings."""
+    import interplab as il
+    from interplab.data.tasks.scorecard import scorecard
+    from interplab.runs import atomic_write_json
+
+    card = scorecard(
+        il.load_model(model, device=device), phenomenon or None, n=n, seed=seed, name=model
+    )
+    typer.echo(card.format())
+    if save is not None:
+        atomic_write_json(save, card.to_dict())
+        typer.echo(f"-> {save}")
+
+
+@app.command("train-organism")
+def train_organism_command(
+    name: Annotated[
+        str, typer.Argument(help="Organism recipe name (see `interplab models --recipes`).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: the bundled folder).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Override the number of steps.")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, or auto.")] = "auto",
+) -> None:
+    """Train a model organism exactly as the bundled one was made (resumes if interrupted)."""
+    from interplab.models.organisms.suite import train_organism
+
+    folder = train_organism(name, out, steps=steps, device=device)
+    typer.echo(f"-> {folder}")
 
 
 @app.command(

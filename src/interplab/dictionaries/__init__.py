@@ -1,1 +1,101 @@
-"""interplab.dictionaries."""
+"""interplab.dictionaries: sparse dictionaries (SAEs, transcoders) trained on activations.
+
+Variants (one config dataclass each): `ReLU`, `TopK`, `BatchTopK`, `JumpReLU`, `Gated`,
+`Matryoshka`, and `Transcoder(variant)` / `SkipTranscoder(variant)` around any of them.
+
+    from interplab.dictionaries import TopK, TrainConfig, train_dictionaries, save_dictionary
+    [sae] = train_dictionaries([TopK(d_sae=4096, k=32)], batches, TrainConfig(total_tokens=10**7))
+    save_dictionary(sae, "out/topk", {"model_name": "organism-4l", "hook_name": "blocks.2.hook_resid_post"})
+
+Names are imported lazily, so `import interplab.dictionaries` does not load torch until a
+name that needs it is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_LAZY: dict[str, str] = {
+    "SAEConfig": "configs",
+    "ReLU": "configs",
+    "TopK": "configs",
+    "BatchTopK": "configs",
+    "Matryoshka": "configs",
+    "JumpReLU": "configs",
+    "Gated": "configs",
+    "Transcoder": "configs",
+    "SkipTranscoder": "configs",
+    "DictionaryConfig": "configs",
+    "config_from_dict": "configs",
+    "Dictionary": "base",
+    "DictionaryOutput": "base",
+    "geometric_median": "base",
+    "build_dictionary": "build",
+    "SparseCode": "kernels",
+    "TrainConfig": "training",
+    "train_dictionaries": "training",
+    "ReconstructionMetrics": "metrics",
+    "reconstruction_metrics": "metrics",
+    "save_dictionary": "io",
+    "load_dictionary": "io",
+}
+
+__all__ = [
+    "BatchTopK",
+    "Dictionary",
+    "DictionaryConfig",
+    "DictionaryOutput",
+    "Gated",
+    "JumpReLU",
+    "Matryoshka",
+    "ReLU",
+    "ReconstructionMetrics",
+    "SAEConfig",
+    "SkipTranscoder",
+    "SparseCode",
+    "TopK",
+    "TrainConfig",
+    "Transcoder",
+    "build_dictionary",
+    "config_from_dict",
+    "geometric_median",
+    "load_dictionary",
+    "reconstruction_metrics",
+    "save_dictionary",
+    "train_dictionaries",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'interplab.dictionaries' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"interplab.dictionaries.{_LAZY[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from interplab.dictionaries.base import Dictionary, DictionaryOutput, geometric_median
+    from interplab.dictionaries.build import build_dictionary
+    from interplab.dictionaries.configs import (
+        BatchTopK,
+        DictionaryConfig,
+        Gated,
+        JumpReLU,
+        Matryoshka,
+        ReLU,
+        SAEConfig,
+        SkipTranscoder,
+        TopK,
+        Transcoder,
+        config_from_dict,
+    )
+    from interplab.dictionaries.io import load_dictionary, save_dictionary
+    from interplab.dictionaries.kernels import SparseCode
+    from interplab.dictionaries.metrics import ReconstructionMetrics, reconstruction_metrics
+    from interplab.dictionaries.training import TrainConfig, train_dictionaries

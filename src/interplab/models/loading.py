@@ -102,10 +102,33 @@ def load_model(
     """
     device = resolve_device(device)
     dtype = resolve_dtype(dtype)
-    model = _load(spec, dtype=dtype, tokenizer=tokenizer)
-    model = model.to(device)
+    with _quiet():
+        model = _load(spec, dtype=dtype, tokenizer=tokenizer)
+        model = model.to(device)
     model.eval()
     return model
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Loading chatter (transformers' weight-loading bars and advice, TransformerLens's
+    "Moving model to device") is not the user's business; errors still propagate."""
+    import io
+    from contextlib import redirect_stdout
+
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _load(spec: Any, *, dtype: torch.dtype, tokenizer: Any) -> Any:
@@ -143,7 +166,8 @@ def _boot_native(config: Any, dtype: torch.dtype, tokenizer: Any) -> Any:
     import transformer_lens.model_bridge.sources  # noqa: F401  (attaches boot_native)
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_native(config, tokenizer=tokenizer, dtype=dtype)
+    with _in_memory_tokenizer_workaround(tokenizer):
+        return TransformerBridge.boot_native(config, tokenizer=tokenizer, dtype=dtype)
 
 
 def _load_directory(path: Path, dtype: torch.dtype, tokenizer: Any) -> Any:
@@ -198,6 +222,11 @@ def _bridge_from_hf(hf_model: Any, tokenizer: Any, model_name: str | None = None
             f"TransformerLens has no adapter for architecture {architecture!r}; "
             f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}."
         )
+    pad = getattr(config, "pad_token_id", None)
+    if pad is not None and hasattr(hf_model, "warn_if_padding_and_no_attention_mask"):
+        # Organisms use one id for BOS and padding, so every prompt "looks padded" to HF's
+        # one-time advice; trigger it here, silenced, so it never reaches the user.
+        hf_model.warn_if_padding_and_no_attention_mask(torch.tensor([[pad]]), None)
     with _in_memory_tokenizer_workaround(tokenizer):
         return build_bridge_from_module(
             hf_model,

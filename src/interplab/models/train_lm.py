@@ -17,20 +17,16 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from jaxtyping import Int
-from torch import Tensor, nn
+from torch import nn
 
 from interplab.errors import InterplabError
 from interplab.models.training.architectures import build_lm, count_parameters
@@ -41,16 +37,14 @@ from interplab.models.training.checkpoints import (
     read_state,
     remove_checkpoints,
     remove_partial,
-    save_checkpoint,
     save_pretrained_quietly,
 )
 from interplab.models.training.config import TRAJECTORY_FIELDS, LMConfig, TrainLMConfig
-from interplab.models.training.data import BatchOrder, TokenWindows, eval_batches
-from interplab.models.training.schedule import lr_at, make_optimizer
+from interplab.models.training.data import TokenWindows
+from interplab.models.training.loop import StepCallback, StepSchedule, TrainLoop, lm_loss
+from interplab.models.training.schedule import make_optimizer
 
-__all__ = ["LMConfig", "TrainLMConfig", "TrainResult", "build_lm", "lm_loss", "train_lm"]
-
-StepCallback = Callable[[int, nn.Module, dict[str, float]], None]
+__all__ = ["LMConfig", "TrainLMConfig", "TrainResult", "build_lm", "fit_lm", "lm_loss", "train_lm"]
 
 
 @dataclass
@@ -71,13 +65,6 @@ class TrainResult:
     """Wall time spent training, summed over resumed sessions."""
     resumed_from: int | None = None
     """Step of the checkpoint this call resumed from; None for a fresh start."""
-
-
-def lm_loss(model: nn.Module, tokens: Int[Tensor, "batch pos"]) -> Tensor:
-    """Mean next-token cross-entropy (nats) of `model` on `tokens` [batch, pos]: position t
-    predicts token t + 1, so each window gives pos - 1 predictions."""
-    logits_BPV = model(input_ids=tokens, use_cache=False).logits
-    return F.cross_entropy(logits_BPV[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
 
 
 def train_lm(
@@ -110,6 +97,44 @@ def train_lm(
     A non-finite loss or gradient norm stops training before the update is applied and
     raises an InterplabError naming the step and the last good checkpoint.
     """
+    return fit_lm(
+        model_config,
+        train_config,
+        train_tokens,
+        eval_tokens,
+        out_dir,
+        # Called only after fit_lm has validated the arguments.
+        init_model=lambda: build_lm(model_config, seed=train_config.seed),
+        tokenizer=tokenizer,
+        resume=resume,
+        run=run,
+        card_extra=card_extra,
+        on_step=on_step,
+    )
+
+
+def fit_lm(
+    model_config: LMConfig,
+    train_config: TrainLMConfig,
+    train_tokens: Any,
+    eval_tokens: Any | None,
+    out_dir: str | Path,
+    *,
+    init_model: Callable[[], nn.Module],
+    schedule: StepSchedule | None = None,
+    finalize: Callable[[nn.Module], None] | None = None,
+    tokenizer: Any | None = None,
+    resume: bool = True,
+    run: Any | None = None,
+    card_extra: dict[str, Any] | None = None,
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """`train_lm` starting from `init_model()` (called inside the training settings; its
+    trainable parameters are the optimizer's), with `schedule` changing the model at given
+    steps and `finalize(model)` run before the output folder is written. `model_config`
+    describes the model that is saved (card.json, resume checks). Used by fine-tuning
+    variants such as `remove_layernorm`; arguments are checked as in `train_lm`.
+    """
     _check_arguments(model_config, train_config, tokenizer, run, card_extra, on_step)
     out_dir = Path(out_dir)
     device = _resolve_device(train_config.device)
@@ -123,13 +148,17 @@ def train_lm(
         )
 
     with _torch_settings(train_config, device):
-        model = build_lm(model_config, seed=train_config.seed).to(device)
+        model = init_model().to(device)
         _set_special_tokens(model, tokenizer)
         optimizer = make_optimizer(model, train_config)
         state, resumed_from = _initial_state(
             out_dir, resume, model, optimizer, model_config, train_config, train
         )
-        loop = _Loop(model, optimizer, train_config, train, held_out, out_dir, device, run, on_step)
+        if schedule is not None and resumed_from is not None:
+            schedule.restore(state.step, model)
+        loop = TrainLoop(
+            model, optimizer, train_config, train, held_out, out_dir, device, run, on_step, schedule
+        )
         loop.run(state)
         final_eval = None
         if held_out is not None:
@@ -149,164 +178,11 @@ def train_lm(
         seconds=state.seconds,
         resumed_from=resumed_from,
     )
+    if finalize is not None:
+        finalize(model)
     card = _card(model, model_config, train_config, result, device, held_out, card_extra)
     _write_outputs(out_dir, model, tokenizer, card)
     return result
-
-
-class _Loop:
-    """One training session: steps from the state's step to train_config.steps."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        config: TrainLMConfig,
-        train: TokenWindows,
-        held_out: TokenWindows | None,
-        out_dir: Path,
-        device: torch.device,
-        run: Any | None,
-        on_step: StepCallback | None,
-    ) -> None:
-        self.model, self.optimizer, self.config = model, optimizer, config
-        self.train, self.out_dir, self.device = train, out_dir, device
-        self.logger, self.on_step = run, on_step
-        self.order = BatchOrder(train.n_windows, config.batch_size, config.resolved_data_seed)
-        self.eval_data = (
-            eval_batches(held_out, config.batch_size, config.eval_batches) if held_out else []
-        )
-        self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.evaluated_at: int | None = None
-        """Step of this session's last evaluation."""
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if device.type == "cuda" and config.amp
-            else contextlib.nullcontext()
-        )
-
-    def run(self, state: TrainerState) -> None:
-        """Train until state.step == config.steps, updating `state` in place."""
-        from tqdm.auto import tqdm
-
-        config = self.config
-        bar = tqdm(
-            total=config.steps,
-            initial=state.step,
-            disable=not config.progress,
-            unit="step",
-            dynamic_ncols=True,
-        )
-        self.model.train()
-        window_start, window_tokens = time.perf_counter(), 0
-        clock = time.perf_counter()
-        try:
-            while state.step < config.steps:
-                lr = lr_at(state.step, config)
-                loss, grad_norm = self.step(state.step, lr)
-                state.step += 1
-                n_tokens = config.batch_size * self.train.width
-                state.tokens += n_tokens
-                state.pending_losses.append(loss)
-                window_tokens += n_tokens
-                metrics = {"train_loss": loss, "lr": lr, "grad_norm": grad_norm}
-                if state.step % config.log_every == 0 or state.step == config.steps:
-                    now = time.perf_counter()
-                    tokens_per_s = window_tokens / max(now - window_start, 1e-9)
-                    self.log(state, lr, grad_norm, tokens_per_s)
-                    bar.set_postfix(
-                        loss=f"{state.last_train_loss:.4f}",
-                        lr=f"{lr:.2e}",
-                        tok_s=f"{tokens_per_s:,.0f}",
-                        refresh=False,
-                    )
-                    window_start, window_tokens = now, 0
-                if self.eval_data and _due(state.step, config.eval_every, config.steps):
-                    state.last_eval_loss = self.evaluate()
-                    self.evaluated_at = state.step
-                    metrics["eval_loss"] = state.last_eval_loss
-                    if self.logger is not None:
-                        self.logger.log(step=state.step, eval_loss=state.last_eval_loss)
-                now = time.perf_counter()
-                state.seconds, clock = state.seconds + now - clock, now
-                if _due(state.step, config.checkpoint_every, config.steps):
-                    save_checkpoint(
-                        self.out_dir,
-                        self.model,
-                        self.optimizer,
-                        state,
-                        keep=config.keep_checkpoints,
-                    )
-                bar.update(1)
-                if self.on_step is not None:
-                    self.on_step(state.step, self.model, metrics)
-        finally:
-            bar.close()
-
-    def step(self, step: int, lr: float) -> tuple[float, float]:
-        """One AdamW update on the batch of `step` at learning rate `lr`; returns
-        (loss, gradient norm before clipping). Raises before updating if either is not finite."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        batch = self.train.get(self.order.indices(step)).to(self.device, non_blocking=True)
-        with self.autocast:
-            loss = lm_loss(self.model, batch)
-        loss.backward()
-        max_norm = self.config.grad_clip if self.config.grad_clip is not None else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
-        loss_value = float(loss.detach())
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise self.diverged(step + 1, loss_value, grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm
-
-    def log(self, state: TrainerState, lr: float, grad_norm: float, tokens_per_s: float) -> None:
-        """Close the log window: its mean loss becomes state.last_train_loss."""
-        state.last_train_loss = sum(state.pending_losses) / len(state.pending_losses)
-        state.pending_losses = []
-        if self.logger is not None:
-            self.logger.log(
-                step=state.step,
-                train_loss=state.last_train_loss,
-                lr=lr,
-                grad_norm=grad_norm,
-                tokens=state.tokens,
-                tokens_per_s=tokens_per_s,
-            )
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean next-token cross-entropy over the held-out batches (token-weighted)."""
-        self.model.eval()
-        total, count = 0.0, 0
-        for batch in self.eval_data:
-            batch = batch.to(self.device)
-            with self.autocast:
-                loss = lm_loss(self.model, batch)
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            total, count = total + float(loss) * n, count + n
-        self.model.train()
-        return total / count
-
-    def diverged(self, step: int, loss: float, grad_norm: float) -> InterplabError:
-        """The error raised when step `step` (1-based) produced a non-finite loss or gradient."""
-        latest = latest_checkpoint(self.out_dir)
-        where = (
-            f"the last good checkpoint is {latest} (step {read_state(latest).step})"
-            if latest is not None
-            else "no checkpoint was written before it"
-        )
-        return InterplabError(
-            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm}; "
-            f"stopped before applying the update, and {where}. Lower lr (now peak "
-            f"{self.config.lr}), lengthen warmup_steps or tighten grad_clip."
-        )
-
-
-def _due(step: int, every: int | None, last: int) -> bool:
-    return step == last or (every is not None and step % every == 0)
 
 
 def _initial_state(
@@ -398,7 +274,8 @@ def _check_arguments(
     if card_extra is not None:
         if not isinstance(card_extra, dict):
             raise InterplabError(f"card_extra must be a dict, got {type(card_extra).__name__}.")
-        clash = sorted(set(card_extra) & set(_CARD_KEYS))
+        # "description" has a generated default that card_extra may replace.
+        clash = sorted(set(card_extra) & set(_CARD_KEYS) - {"description"})
         if clash:
             raise InterplabError(
                 f"card_extra keys {clash} clash with keys the trainer writes to card.json."
@@ -426,8 +303,12 @@ def _torch_settings(config: TrainLMConfig, device: torch.device) -> Iterator[Non
     threads = torch.get_num_threads()
     deterministic = torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(config.n_threads or os.cpu_count() or 1)
+    torch.set_num_threads(config.n_threads or _usable_cpus())
     if config.deterministic:
+        if device.type == "cuda":
+            # cuBLAS needs this to be deterministic; it only takes effect if set before
+            # the first cuBLAS call of the process.
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         # On CUDA some kernels have no deterministic version; warn rather than fail there.
         torch.use_deterministic_algorithms(True, warn_only=device.type != "cpu")
     try:
@@ -435,6 +316,14 @@ def _torch_settings(config: TrainLMConfig, device: torch.device) -> Iterator[Non
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (the affinity mask, which respects container limits
+    that os.cpu_count() ignores)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
 
 
 def _set_special_tokens(model: nn.Module, tokenizer: Any | None) -> None:
@@ -448,7 +337,7 @@ def _set_special_tokens(model: nn.Module, tokenizer: Any | None) -> None:
 
 
 _CARD_KEYS = (
-    "architecture", "hf_architecture", "n_layers", "d_model", "n_heads", "d_head", "d_mlp",
+    "description", "architecture", "hf_architecture", "n_layers", "d_model", "n_heads", "d_head", "d_mlp",
     "n_ctx", "vocab_size", "attn_only", "layer_norm", "positional", "tie_embeddings",
     "n_params", "n_params_trainable", "steps", "tokens_seen", "seed", "data_seed",
     "final_train_loss", "final_eval_loss", "eval_tokens", "training_seconds",
@@ -479,6 +368,7 @@ def _card(
             * held_out.width
         )
     card = {
+        "description": _describe(model_config, result),
         "architecture": model_config.architecture,
         "hf_architecture": type(model).__name__,
         "n_layers": model_config.n_layers,
@@ -515,6 +405,20 @@ def _card(
     }
     assert set(card) == set(_CARD_KEYS)
     return {**card, **(card_extra or {})}
+
+
+def _describe(config: LMConfig, result: TrainResult) -> str:
+    """One line for `interplab models`, e.g. 'GPT-2, 2 layers, d_model 128, attn-only, 5000 steps'."""
+    parts = [
+        {"gpt2": "GPT-2", "llama": "Llama"}[config.architecture],
+        f"{config.n_layers} layer{'s' if config.n_layers > 1 else ''}",
+        f"d_model {config.d_model}",
+        f"{config.n_heads} heads",
+    ]
+    parts += ["attn-only"] if config.attn_only else []
+    parts += [] if config.layer_norm else ["no LayerNorm"]
+    parts.append(f"{result.steps} steps ({result.tokens:,} tokens)")
+    return ", ".join(parts)
 
 
 def _write_outputs(

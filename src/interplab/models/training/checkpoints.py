@@ -176,6 +176,14 @@ def load_checkpoint(
     return state
 
 
+def load_model_weights(model: nn.Module, folder: Path) -> None:
+    """Load `folder/model.safetensors` (an HF folder of the same shape) into `model`."""
+    path = Path(folder) / "model.safetensors"
+    if not path.is_file():
+        raise InterplabError(f"{folder} has no model.safetensors to load weights from.")
+    _load_weights(model, load_file(path), Path(folder))
+
+
 def _load_weights(model: nn.Module, tensors: dict[str, torch.Tensor], folder: Path) -> None:
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     # HF saves one name of a tied pair (the embedding); the other shares its tensor.

@@ -208,10 +208,12 @@ class TrainLMConfig:
     """Seed of the batch order; None = seed."""
     device: str = "cpu"
     """Torch device to train on ("cpu", "cuda", "cuda:1", ...), or "auto" (CUDA if present)."""
-    amp: bool = True
-    """bf16 autocast on CUDA; ignored on CPU, where training is float32."""
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    """Mixed precision (float32 weights and optimizer, bf16 matmuls): "auto" = bf16 on
+    CUDA and float32 on CPU; "bf16" = also on CPU (fast on CPUs with AMX / AVX512-BF16);
+    "off" = float32 everywhere. Bit-identical resumes need the same device and setting."""
     n_threads: int | None = None
-    """CPU threads for torch during training; None = os.cpu_count()."""
+    """CPU threads for torch during training; None = every CPU this process may use."""
     deterministic: bool = True
     """Use torch's deterministic algorithms while training (bit-identical reruns on CPU)."""
     progress: bool = True
@@ -244,7 +246,11 @@ class TrainLMConfig:
         self.betas = (self.betas[0], self.betas[1])
         for i, beta in enumerate(self.betas):
             _check_float(owner, f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
-        for name in ("amp", "deterministic", "progress"):
+        if self.autocast not in ("auto", "bf16", "off"):
+            raise unknown(
+                "autocast mode", str(self.autocast), ("auto", "bf16", "off"), show_all=True
+            )
+        for name in ("deterministic", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise InterplabError(
                     f"TrainLMConfig.{name} must be True or False, got {getattr(self, name)!r}."

@@ -88,13 +88,25 @@ SUITE: dict[str, OrganismSpec] = {
             checkpoint_every=250,
         ),
     ),
+    "storyworld-4l-noln": OrganismSpec(
+        "storyworld-4l-noln",
+        "storyworld-4l with every LayerNorm removed by fine-tuning (fixed scale, mean-centring only)",
+        "storyworld",
+        dict(architecture="gpt2", n_layers=4, d_model=128, n_heads=4, n_ctx=_CTX),
+        dict(
+            steps=800, batch_size=32, lr=3e-4, warmup_steps=20, eval_every=200, checkpoint_every=100
+        ),
+        seed=20_000,
+        base="storyworld-4l",
+        extra={"removal_gap": 50, "removal_first_step": 25},
+    ),
     "code-4l": OrganismSpec(
         "code-4l",
         "4-layer GPT-2 (d_model 128, 4 heads) on the Python standard library",
         "python-stdlib",
         dict(architecture="gpt2", n_layers=4, d_model=128, n_heads=4, n_ctx=_CTX),
         dict(
-            steps=4000,
+            steps=2500,
             batch_size=32,
             lr=2e-3,
             warmup_steps=150,
@@ -173,6 +185,34 @@ def train_organism(
         corpus_id, corpus_hash = train.corpus_id, train.content_hash
     data_seconds = time.perf_counter() - start
 
+    card_extra = {
+        "name": name,
+        "description": spec.description,
+        "corpus": spec.corpus,
+        "corpus_id": corpus_id,
+        "corpus_hash": corpus_hash,
+        "data_seconds": round(data_seconds, 1),
+        "command": f"interplab train-organism {name}",
+    }
+    if spec.base is not None:
+        from interplab.models.organisms import organism_path
+        from interplab.models.remove_layernorm import RemoveLayerNormConfig, remove_layernorm
+
+        card_extra["base"] = spec.base
+        removal = RemoveLayerNormConfig(
+            first_step=spec.extra["removal_first_step"], gap=spec.extra["removal_gap"]
+        )
+        remove_layernorm(
+            organism_path(spec.base),
+            train_config,
+            train_ids,
+            eval_ids,
+            out_dir,
+            removal,
+            card_extra=card_extra,
+        )
+        write_scorecard(out_dir, name, spec.phenomena)
+        return out_dir
     result = train_lm(
         model_config,
         train_config,
@@ -180,15 +220,7 @@ def train_organism(
         eval_ids,
         out_dir,
         tokenizer=tokenizer,
-        card_extra={
-            "name": name,
-            "description": spec.description,
-            "corpus": spec.corpus,
-            "corpus_id": corpus_id,
-            "corpus_hash": corpus_hash,
-            "data_seconds": round(data_seconds, 1),
-            "command": f"interplab train-organism {name}",
-        },
+        card_extra=card_extra,
     )
     write_scorecard(out_dir, name, spec.phenomena)
     return result.out_dir

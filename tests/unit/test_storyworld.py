@@ -33,7 +33,7 @@ from interplab.data.corpus.tokenizer import (
 )
 from interplab.errors import InterplabError
 
-GOLDEN_SHA256 = "be7bb15ba50510b32ff2fb0fdd2797176bfe5cfc9dc5d8065a5d1b6f1b99a07c"
+GOLDEN_SHA256 = "f034915e69d6f147e5f4da0c7d6d75f8f09468a924b0a5854235a8a7607a6555"
 """sha256 of the first 50 documents of StoryworldConfig(seed=1), joined by newlines."""
 
 ALL_HELDOUT = (

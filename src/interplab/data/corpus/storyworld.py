@@ -11,7 +11,8 @@ into paragraphs. Phenomena and their surface forms:
 - ``ioi`` (indirect object identification): two names, one repeated as the subject, the
   other is the recipient. 18 training frames ("When Mary and John went to the store, John
   gave a drink to Mary."), 6 held-out frames; ABBA and BABA orders; 30 places, 59 objects.
-- ``induction`` (repeated spans): a random word list written down and read out again one
+- ``induction`` (repeated spans): half the time a span of 3-24 random words (drawn with
+  replacement) written two or three times in a row with no cue; otherwise a random word list written down and read out again one
   to three blocks later; a letter/number code typed again later; a chant repeated two or
   three times in a row; an earlier sentence of the document quoted verbatim; a roll call of
   names called out twice.
@@ -62,7 +63,7 @@ from typing import Literal
 from interplab.data.corpus.storyworld_blocks import BLOCKS, Doc, resources
 from interplab.errors import InterplabError, unknown
 
-VERSION = "1"
+VERSION = "2"
 """Bumped whenever any document for a given config changes."""
 
 PHENOMENA: tuple[str, ...] = (
@@ -84,7 +85,7 @@ def default_mix() -> dict[str, float]:
     return {
         "narrative": 1.0,
         "ioi": 1.0,
-        "induction": 1.0,
+        "induction": 1.5,
         "successor": 1.0,
         "offsets": 0.6,
         "greater_than": 0.8,

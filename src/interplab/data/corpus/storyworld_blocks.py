@@ -139,9 +139,22 @@ def _random_words(rng: random.Random, lo: int, hi: int) -> list[str]:
     return rng.sample(V.INDUCTION_WORDS, rng.randint(lo, hi))
 
 
+def _uncued_repeat(rng: random.Random) -> str:
+    """Words drawn WITH replacement (so a word may recur inside the span) and the span written
+    again with no cue phrase. Without such spans a model learns "copy only when told to" and
+    no general induction: cued lists alone taught storyworld v1 models to predict that a listed
+    word does not come back."""
+    span = rng.choices(V.INDUCTION_WORDS, k=rng.randint(3, 24))
+    text = " ".join(span)
+    copies = rng.randint(2, 3)
+    return " ".join([text.capitalize() + "."] + [text + "." for _ in range(copies - 1)])
+
+
 def _induction(d: Doc) -> list[str]:
     rng = d.rng
     name = d.person()
+    if rng.random() < 0.5:
+        return [_uncued_repeat(rng)]
     form = rng.randrange(5)
     if form == 4:  # quote an earlier sentence verbatim
         quotable = [s for s in d.history if '"' not in s]

@@ -11,7 +11,10 @@ dataset built from held-out templates/phrasings (`split="heldout"`):
   two-digit years, and the same mass normalised over the 100 year tokens (Hanna et al. 2023
   report the latter as probability difference).
 - `induction`: mean loss on the first and on the repeated half of random token sequences
-  ([BOS] r r); the score is their difference in nats (Olsson et al. 2022).
+  ([BOS] r r); the score is their difference in nats (Olsson et al. 2022). For storyworld
+  models the tokens are drawn from the single-token words of the storyworld lexicon (tokens
+  the model has seen as words; a byte-level BPE vocabulary is otherwise mostly fragments
+  that never occur alone); for other tokenizers, from the whole vocabulary.
 
 Every number comes with its standard deviation over examples.
 """
@@ -157,12 +160,30 @@ PHENOMENA: dict[str, tuple[str, dict[str, Any], Callable[..., PhenomenonScore]]]
 }
 
 
+def _word_repeats(model: Any, n: int, seq_len: int, seed: int) -> Tensor | None:
+    """[BOS] r r with r drawn uniformly from single-token storyworld words, or None when the
+    model's tokenizer does not hold most of them as single tokens."""
+    from interplab.data.corpus.storyworld_vocab import INDUCTION_WORDS
+
+    tokenizer = model.tokenizer
+    pool = [tokenizer.encode(" " + w, add_special_tokens=False) for w in INDUCTION_WORDS]
+    pool = sorted({ids[0] for ids in pool if len(ids) == 1})
+    if len(pool) < len(INDUCTION_WORDS) // 2:
+        return None
+    generator = torch.Generator().manual_seed(seed)
+    r = torch.tensor(pool)[torch.randint(len(pool), (n, seq_len), generator=generator)]
+    bos = torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long)
+    return torch.cat([bos, r, r], dim=1)
+
+
 def induction_score(
     model: Any, n: int = 64, seq_len: int = 50, seed: int = 0, batch_size: int = 32
 ) -> PhenomenonScore:
     """Induction on [BOS] r r: mean loss on the first copy of r minus mean loss on the second
     (nats). The first token of each copy is left out (nothing can predict it)."""
-    tokens = repeated_tokens(model, n=n, seq_len=seq_len, seed=seed)
+    tokens = _word_repeats(model, n, seq_len, seed)
+    if tokens is None:
+        tokens = repeated_tokens(model, n=n, seq_len=seq_len, seed=seed)
     device = next(model.parameters()).device
     losses = []
     with torch.inference_mode():

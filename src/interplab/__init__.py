@@ -30,6 +30,7 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "models": ("interplab.models", None),
     "data": ("interplab.data", None),
     "toys": ("interplab.toys", None),
+    "circuits": ("interplab.circuits", None),
     "dictionaries": ("interplab.dictionaries", None),
 }
 

@@ -46,8 +46,14 @@ def time_interplab(model, ids, batch_size, hook):
 
     start = time.perf_counter()
     store = il.activations(
-        model, hook, ids, n_tokens=ids.numel(), context_size=ids.shape[1], batch_size=batch_size,
-        include_bos=True, progress=False,
+        model,
+        hook,
+        ids,
+        n_tokens=ids.numel(),
+        context_size=ids.shape[1],
+        batch_size=batch_size,
+        include_bos=True,
+        progress=False,
     )
     rows = 0
     for batch in store.batches(1 << 30, shuffle=False):
@@ -83,7 +89,9 @@ else:
     out = store.all()
 print(json.dumps(dict(base=base, peak=hwm(), out_mib=out.numel()*4/2**20)))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -100,7 +108,9 @@ def main() -> None:
     model = il.load_model(hf, device="cpu")
     ids = windows(args.windows)
     cases = {
-        "hf forward (eager attention, same module)": lambda: time_hf(hf, ids, args.batch_size, "eager"),
+        "hf forward (eager attention, same module)": lambda: time_hf(
+            hf, ids, args.batch_size, "eager"
+        ),
         "hf forward (sdpa attention)": lambda: time_hf(hf, ids, args.batch_size, "sdpa"),
         "interplab blocks.3.hook_resid_post (last block)": lambda: time_interplab(
             model, ids, args.batch_size, "blocks.3.hook_resid_post"
@@ -119,8 +129,10 @@ def main() -> None:
             results[name] = max(results[name], fn())
             hf.config._attn_implementation = "eager"
     reference = results["hf forward (eager attention, same module)"]
-    print(f"\nmodel: GPT-2 4 layers, d_model 256, vocab 4096; {args.windows} windows x 128 tokens, "
-          f"batch {args.batch_size}, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(
+        f"\nmodel: GPT-2 4 layers, d_model 256, vocab 4096; {args.windows} windows x 128 tokens, "
+        f"batch {args.batch_size}, {torch.get_num_threads()} threads, best of {args.repeats}"
+    )
     print(f"{'case':<52} {'tokens/s':>10} {'vs hf eager':>12}")
     for name, tps in results.items():
         print(f"{name:<52} {tps:>10,.0f} {tps / reference:>11.2f}x")
@@ -128,12 +140,16 @@ def main() -> None:
     hf_mem = peak_memory_case("hf", args.windows)
     il_mem = peak_memory_case("interplab", args.windows)
     model_mib = sum(p.numel() for p in hf.parameters()) * 4 / 2**20
-    print("\npeak memory (fresh process, MiB above the baseline after loading and one warm-up window):")
+    print(
+        "\npeak memory (fresh process, MiB above the baseline after loading and one warm-up window):"
+    )
     for label, mem in (("hf forward", hf_mem), ("interplab", il_mem)):
         used = mem["peak"] - mem["base"]
         budget = 2 * (model_mib + mem["out_mib"])
-        print(f"  {label:<12} {used:8.1f}  (model {model_mib:.1f} + activations {mem['out_mib']:.1f}; "
-              f"2x budget {budget:.1f}: {'OK' if used <= budget else 'OVER'})")
+        print(
+            f"  {label:<12} {used:8.1f}  (model {model_mib:.1f} + activations {mem['out_mib']:.1f}; "
+            f"2x budget {budget:.1f}: {'OK' if used <= budget else 'OVER'})"
+        )
 
 
 if __name__ == "__main__":

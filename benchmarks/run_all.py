@@ -1,6 +1,6 @@
 """`make bench`: run every benchmarks/bench_*.py in turn (each prints its own comparison).
 
-    python benchmarks/run_all.py [name-substring ...]
+python benchmarks/run_all.py [name-substring ...]
 """
 
 from __future__ import annotations
@@ -15,8 +15,12 @@ HERE = Path(__file__).parent
 
 def main() -> int:
     wanted = sys.argv[1:]
-    scripts = sorted(p for p in HERE.glob("bench_*.py") if not wanted or any(w in p.name for w in wanted))
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}")
+    scripts = sorted(
+        p for p in HERE.glob("bench_*.py") if not wanted or any(w in p.name for w in wanted)
+    )
+    print(
+        f"machine: {platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    )
     failed = []
     for script in scripts:
         print(f"\n=== {script.name} ===", flush=True)

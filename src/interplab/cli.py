@@ -203,6 +203,18 @@ def demo_command(
     typer.echo(f"\nDemo report: {result.report_path.resolve()}")
 
 
+def _register_dictionary_commands() -> None:
+    # Defined in interplab.dictionaries.cli (imports nothing heavy at module level).
+    from interplab.dictionaries.cli import compare_command, eval_sae_command, train_sae_command
+
+    app.command("train-sae")(train_sae_command)
+    app.command("eval-sae")(eval_sae_command)
+    app.command("compare")(compare_command)
+
+
+_register_dictionary_commands()
+
+
 def main() -> None:
     """Entry point of the `interplab` script."""
     try:

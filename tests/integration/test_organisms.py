@@ -21,7 +21,15 @@ def test_the_demo_organism_is_bundled():
 @pytest.mark.parametrize("name", ORGANISMS)
 def test_card_is_complete(name):
     card = organism_card(name).data
-    for key in ("description", "corpus_id", "corpus_hash", "steps", "seed", "final_eval_loss", "scorecard"):
+    for key in (
+        "description",
+        "corpus_id",
+        "corpus_hash",
+        "steps",
+        "seed",
+        "final_eval_loss",
+        "scorecard",
+    ):
         assert key in card, f"{name}: card.json lacks {key}"
     assert math.isfinite(card["final_eval_loss"])
 
@@ -36,7 +44,9 @@ def test_loads_and_matches_hf(name):
     with torch.inference_mode():
         assert (model(tokens) - hf(tokens).logits).abs().max().item() < 1e-4
     text = "On Monday, Tuesday and Wednesday the war lasted from 1732 to 1745."
-    assert model.to_string(model.to_tokens(text, prepend_bos=False)[0]) == text or name.startswith("code")
+    assert model.to_string(model.to_tokens(text, prepend_bos=False)[0]) == text or name.startswith(
+        "code"
+    )
 
 
 @pytest.mark.parametrize("name", ORGANISMS)
@@ -47,4 +57,9 @@ def test_scorecard_reproduces_the_card(name):
     fresh = scorecard(model, phenomena, n=256, name=name)
     for saved, now in zip(card["rows"], fresh.rows, strict=True):
         assert now.phenomenon == saved["phenomenon"]
-        assert abs(now.value - saved["value"]) < 0.02, (name, now.phenomenon, now.value, saved["value"])
+        assert abs(now.value - saved["value"]) < 0.02, (
+            name,
+            now.phenomenon,
+            now.value,
+            saved["value"],
+        )

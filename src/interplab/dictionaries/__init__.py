@@ -7,6 +7,12 @@ Variants (one config dataclass each): `ReLU`, `TopK`, `BatchTopK`, `JumpReLU`, `
     [sae] = train_dictionaries([TopK(d_sae=4096, k=32)], batches, TrainConfig(total_tokens=10**7))
     save_dictionary(sae, "out/topk", {"model_name": "organism-4l", "hook_name": "blocks.2.hook_resid_post"})
 
+From an activation store, with evaluation spliced into the model and comparison:
+
+    sae = train_dictionary(store, TopK(d_sae=4096, k=32))   # hook/model names into metadata
+    evaluate_dictionary(sae, model, "storyworld")            # FVU, L0, CE/KL recovered
+    compare_dictionaries(sae, other, data=acts)              # shared latents, matching, rotation
+
 Names are imported lazily, so `import interplab.dictionaries` does not load torch until a
 name that needs it is used.
 """
@@ -39,16 +45,27 @@ _LAZY: dict[str, str] = {
     "reconstruction_metrics": "metrics",
     "save_dictionary": "io",
     "load_dictionary": "io",
+    "train_dictionary": "api",
+    "DictionaryEvaluation": "evaluate",
+    "evaluate_dictionary": "evaluate",
+    "plot_frontier": "evaluate",
+    "Comparison": "compare",
+    "compare_dictionaries": "compare",
+    "OpposingPairs": "compare",
+    "opposing_pairs": "compare",
 }
 
 __all__ = [
     "BatchTopK",
+    "Comparison",
     "Dictionary",
     "DictionaryConfig",
+    "DictionaryEvaluation",
     "DictionaryOutput",
     "Gated",
     "JumpReLU",
     "Matryoshka",
+    "OpposingPairs",
     "ReLU",
     "ReconstructionMetrics",
     "SAEConfig",
@@ -58,12 +75,17 @@ __all__ = [
     "TrainConfig",
     "Transcoder",
     "build_dictionary",
+    "compare_dictionaries",
     "config_from_dict",
+    "evaluate_dictionary",
     "geometric_median",
     "load_dictionary",
+    "opposing_pairs",
+    "plot_frontier",
     "reconstruction_metrics",
     "save_dictionary",
     "train_dictionaries",
+    "train_dictionary",
 ]
 
 
@@ -80,8 +102,15 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
+    from interplab.dictionaries.api import train_dictionary
     from interplab.dictionaries.base import Dictionary, DictionaryOutput, geometric_median
     from interplab.dictionaries.build import build_dictionary
+    from interplab.dictionaries.compare import (
+        Comparison,
+        OpposingPairs,
+        compare_dictionaries,
+        opposing_pairs,
+    )
     from interplab.dictionaries.configs import (
         BatchTopK,
         DictionaryConfig,
@@ -94,6 +123,11 @@ if TYPE_CHECKING:  # pragma: no cover
         TopK,
         Transcoder,
         config_from_dict,
+    )
+    from interplab.dictionaries.evaluate import (
+        DictionaryEvaluation,
+        evaluate_dictionary,
+        plot_frontier,
     )
     from interplab.dictionaries.io import load_dictionary, save_dictionary
     from interplab.dictionaries.kernels import SparseCode

@@ -19,6 +19,9 @@ from interplab.errors import unknown
 
 RECIPES: dict[str, str] = {
     "demo": "interplab.recipes.demo",
+    "superposition": "interplab.recipes.superposition",
+    "grokking": "interplab.recipes.grokking",
+    "sae": "interplab.recipes.sae",
 }
 
 

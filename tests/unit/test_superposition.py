@@ -434,6 +434,8 @@ def test_recipe_config_rejects_bad_values():
         recipe.Config(steps=0)
     with pytest.raises(InterplabError, match="n_densities must be at least 2"):
         recipe.Config(n_densities=1)
+    with pytest.raises(InterplabError, match="threads must be a positive integer or None"):
+        recipe.Config(threads=0)
     assert recipe.Config(fast=True).resolved("n_features") == 100
     assert recipe.Config().resolved("n_features") == 200
 
@@ -467,7 +469,9 @@ def test_recipe_writes_report_figures_and_numbers():
         fast=True, n_features=12, n_hidden=3, n_densities=3, steps=10, small_steps=10
     )
     run = _FakeRun(figure_png(Figure(figsize=(0.2, 0.2)), dpi=10))
+    torch.set_num_threads(2)
     report = recipe.run(config, run)
+    assert torch.get_num_threads() == 2  # the recipe's threads=1 is undone afterwards
     assert isinstance(report, Report)
     sections = report.to_dict()["sections"]
     assert [s["title"] for s in sections] == [

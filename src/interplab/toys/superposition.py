@@ -420,6 +420,11 @@ def train_superposition(config: SuperpositionConfig, progress: bool = True) -> S
     half-cosine decayed to 0 (`config.lr_schedule`). W starts Xavier-normal (std √(2/(m+n))
     per instance), b at 0. Returns weights on the CPU, the final per-instance loss from
     `evaluate_loss`, and the loss history.
+
+    Speed: one step is a few batched matmuls and memory-bound passes over [instances, n,
+    batch]; 20 instances × 200 features × batch 1024 take ~36 ms per step on one core of
+    the 2-core development CPU (10k steps ≈ 6 min). There `torch.set_num_threads(1)` is
+    much faster than the default 2 threads when the other core is busy.
     """
     from tqdm.auto import tqdm
 

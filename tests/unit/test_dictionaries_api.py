@@ -256,3 +256,56 @@ def test_sae_recipe_sweeps_and_reports(model_dir, tmp_path, monkeypatch):
     assert (result.run_dir / "figures" / "frontier.png").exists()
     with pytest.raises(InterplabError, match="k must not exceed"):
         run_recipe("sae", {**overrides, "ks": "64"}, root=tmp_path)
+
+
+def test_streamed_batches_do_not_leak_inference_mode():
+    """A producer suspended inside torch.inference_mode() (as a store streaming from the
+    model is) must not switch autograd off for the training steps in between."""
+    from interplab.dictionaries.api import _as_normal_tensors, in_thread
+
+    events = []
+
+    def producer():
+        try:
+            with torch.inference_mode():
+                for i in range(100):
+                    yield torch.full((2, 3), float(i))
+        finally:
+            events.append("closed")
+
+    leaked = producer()
+    next(leaked)
+    assert torch.is_inference_mode_enabled()  # the bug being avoided, shown directly
+    leaked.close()
+    assert not torch.is_inference_mode_enabled()
+
+    events.clear()
+    stream = _as_normal_tensors(in_thread(producer()))
+    w = torch.ones(3, requires_grad=True)
+    for i, x in zip(range(3), stream, strict=False):
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+        (x * w).sum().backward()
+        assert float(x[0, 0]) == i
+    assert torch.equal(w.grad, torch.full((3,), 2.0 * (0 + 1 + 2)))
+    stream.close()  # stops the producer thread and runs its cleanup
+    assert events == ["closed"]
+
+    def failing():
+        yield torch.zeros(1)
+        raise InterplabError("corpus ran out")
+
+    with pytest.raises(InterplabError, match="corpus ran out"):
+        list(in_thread(failing()))
+
+
+def test_train_from_a_streaming_store_then_evaluate(model):
+    streaming = il.activations(model, HOOK, windows(16), 16 * 31, context_size=32, progress=False)
+    sae = train_dictionary(streaming, TopK(32, k=2), train_config=quick(8, batch=64), device="cpu")
+    assert sae.metadata == {"hook_name": HOOK}
+    # the producer's capture hooks are gone: the model runs whole again
+    result = evaluate_dictionary(sae, model, windows(2, seed=3))
+    assert result.ce_clean == pytest.approx(
+        evaluate_dictionary(sae, model, windows(2, seed=3)).ce_clean
+    )
+    logits = model(windows(1, seed=3))
+    assert logits.shape == (1, 32, 100)

@@ -126,6 +126,9 @@ def test_plots():
     assert counts == 2 * N_LATENTS  # both directions, every latent once
     ax = result.plot_matched()
     assert sum(p.get_height() for p in ax.patches) == 2 * N_LATENTS
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 def test_errors():

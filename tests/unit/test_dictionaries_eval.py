@@ -153,6 +153,9 @@ def test_results_serialise_save_and_plot(model, windows, tmp_path):
         [a.ce_recovered, b.ce_recovered]
     )
     assert dict(a.table_rows())["CE recovered"] == f"{a.ce_recovered:.4f}"
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
 
 
 def test_errors(model, windows):

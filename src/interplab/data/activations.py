@@ -270,30 +270,36 @@ class _Collector:
             disable=not self.progress,
         )
         fwd_hooks = [(h, self._capture(h)) for h in self.hooks]
-        with torch.inference_mode(), self.model.hooks(fwd_hooks=fwd_hooks):
-            for start in range(start_window, self.windows.shape[0], self.batch_size):
-                if emitted >= self.n_tokens:
-                    break
-                tokens = self.windows[start : start + self.batch_size].to(self.device)
-                self.captured.clear()
-                with contextlib.suppress(_StopForward):
-                    self.model(tokens)
-                rows = {}
-                for h in self.hooks:
-                    act = self.captured[h]
-                    if act.ndim != 3:
-                        raise InterplabError(
-                            f"hook {h!r} gives activations of shape {tuple(act.shape)}; activation stores "
-                            "hold [batch, pos, d] hooks (for per-head hooks such as hook_z, flatten heads "
-                            "yourself or pick a residual/MLP hook)."
-                        )
-                    if not self.include_bos:
-                        act = act[:, 1:]
-                    rows[h] = act.reshape(-1, act.shape[-1]).float().cpu()
-                take = min(rows[self.hooks[0]].shape[0], self.n_tokens - emitted)
-                emitted += take
-                bar.update(take)
-                yield {h: r[:take] for h, r in rows.items()}
+        for start in range(start_window, self.windows.shape[0], self.batch_size):
+            if emitted >= self.n_tokens:
+                break
+            tokens = self.windows[start : start + self.batch_size].to(self.device)
+            self.captured.clear()
+            # Inference mode and the capture hooks cover the forward pass only, never the
+            # yield: the consumer (e.g. dictionary training) needs autograd and a clean model.
+            with (
+                torch.inference_mode(),
+                self.model.hooks(fwd_hooks=fwd_hooks),
+                contextlib.suppress(_StopForward),
+            ):
+                self.model(tokens)
+            rows = {}
+            for h in self.hooks:
+                act = self.captured[h]
+                if act.ndim != 3:
+                    raise InterplabError(
+                        f"hook {h!r} gives activations of shape {tuple(act.shape)}; activation stores "
+                        "hold [batch, pos, d] hooks (for per-head hooks such as hook_z, flatten heads "
+                        "yourself or pick a residual/MLP hook)."
+                    )
+                if not self.include_bos:
+                    act = act[:, 1:]
+                rows[h] = act.reshape(-1, act.shape[-1]).float().cpu().clone()
+            self.captured.clear()
+            take = min(rows[self.hooks[0]].shape[0], self.n_tokens - emitted)
+            emitted += take
+            bar.update(take)
+            yield {h: r[:take] for h, r in rows.items()}
         bar.close()
 
 

@@ -13,6 +13,8 @@ belongs.
 from __future__ import annotations
 
 import json
+import queue
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -59,10 +61,9 @@ def _pick_hooks(
     return hook_name, None
 
 
-def store_batches(
+def _passes(
     store: Any, hook_name: str, hook_name_out: str | None, batch_size: int, seed: int
 ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
-    """Shuffled passes over the store, each with a new seed, for as long as training asks."""
     epoch = 0
     while True:
         for batch in store.batches(batch_size, shuffle=True, seed=seed + epoch):
@@ -71,6 +72,83 @@ def store_batches(
             else:
                 yield batch[hook_name], batch[hook_name_out]
         epoch += 1
+
+
+_DONE = object()
+
+
+def in_thread(items: Iterator[Any], prefetch: int = 2) -> Iterator[Any]:
+    """Run the iterator `items` in a background thread and yield what it yields.
+
+    A store that streams from the model suspends its generator inside the model's forward
+    context (`torch.inference_mode()` and the capture hooks), and that thread-local mode
+    would otherwise stay switched on in the consumer between batches, so training steps
+    would build no autograd graph. In its own thread the producer's modes stay there; the
+    forward passes also overlap with training. Closing this generator stops the producer
+    (closing `items`, which removes its hooks) and waits for the thread to end.
+    """
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put(item):
+                    break
+            put(_DONE)
+        except BaseException as error:  # handed to the consumer, raised there
+            put(error)
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name="interplab-activations", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+
+
+def store_batches(
+    store: Any, hook_name: str, hook_name_out: str | None, batch_size: int, seed: int
+) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
+    """Shuffled passes over the store, each with a new seed, for as long as training asks.
+
+    A store that streams from the model is read in a background thread (see `in_thread`).
+    """
+    passes = _passes(store, hook_name, hook_name_out, batch_size, seed)
+    return _as_normal_tensors(in_thread(passes)) if store.folder is None else passes
+
+
+def _as_normal_tensors(stream: Iterator[Any]) -> Iterator[Any]:
+    """Clone tensors made under inference mode (they cannot enter autograd), then close
+    `stream` when this generator is closed."""
+    try:
+        for item in stream:
+            if isinstance(item, Tensor):
+                yield item.clone()
+            else:
+                yield tuple(t.clone() for t in item)
+    finally:
+        stream.close()
 
 
 def _saved_training_metadata(run: RunLike, name: str) -> dict[str, Any]:
@@ -154,9 +232,14 @@ def train_dictionary(
         metadata["model_name"] = model_name
 
     member = name or describe(config)
-    [dictionary] = train_dictionaries(
-        [config], batches, cfg, run=run, device=resolve_device(device), names=[member]
-    )
+    try:
+        [dictionary] = train_dictionaries(
+            [config], batches, cfg, run=run, device=resolve_device(device), names=[member]
+        )
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:  # stop a background producer before the model is used again
+            close()
     dictionary.metadata.update(metadata)
     if run is not None:
         from interplab.dictionaries.io import save_dictionary
@@ -168,4 +251,4 @@ def train_dictionary(
     return dictionary
 
 
-__all__ = ["store_batches", "train_dictionary"]
+__all__ = ["in_thread", "store_batches", "train_dictionary"]

@@ -81,14 +81,18 @@ def run(config: Config, run: Any) -> Any:
     configs = [make_config(config.arch, w, k=k) for w in config.widths for k in config.ks]
     names = [describe(c) for c in configs]
     train = TrainConfig(batch_size=config.batch_size, total_tokens=config.n_tokens)
-    dictionaries = train_dictionaries(
-        configs,
-        store_batches(store, hook, None, train.batch_size, train.seed),
-        train,
-        run=run,
-        device=resolve_device(config.device),
-        names=names,
-    )
+    batches = store_batches(store, hook, None, train.batch_size, train.seed)
+    try:
+        dictionaries = train_dictionaries(
+            configs,
+            batches,
+            train,
+            run=run,
+            device=resolve_device(config.device),
+            names=names,
+        )
+    finally:
+        batches.close()
 
     report = Report("Sparse dictionary sweep", subtitle=f"{config.model} · {hook}")
     rows, evaluations = [], []

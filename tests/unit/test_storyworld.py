@@ -33,7 +33,7 @@ from interplab.data.corpus.tokenizer import (
 )
 from interplab.errors import InterplabError
 
-GOLDEN_SHA256 = "f034915e69d6f147e5f4da0c7d6d75f8f09468a924b0a5854235a8a7607a6555"
+GOLDEN_SHA256 = "a212248e197832c33bb6c14a101724a75762c522913ee5aa1df71e1e55d3eb2b"
 """sha256 of the first 50 documents of StoryworldConfig(seed=1), joined by newlines."""
 
 ALL_HELDOUT = (
@@ -201,9 +201,30 @@ def _matches(templates, sentences):
                 yield template, m
 
 
+def _alternatives(parts):
+    """A regex alternation of template parts, their slots matching any filler."""
+    slot = re.compile(r"\\\{(\w+)\\\}")
+    pattern = {"a_obj": r"an? [\w']+"}
+    return "|".join(slot.sub(lambda m: pattern.get(m[1], r"[\w']+"), re.escape(p)) for p in parts)
+
+
+def _composed_ioi():
+    """Any single-sentence frame `compose_ioi` can build, slots as named groups."""
+    joints = [j for j in T.IOI_JOINTS if "." not in j]
+    return re.compile(
+        rf"(?:{_alternatives(T.IOI_OPENERS)}) (?P<A>\w+) and (?P<B>\w+) "
+        rf"(?:{_alternatives(T.IOI_EVENTS)})(?:{_alternatives(joints)})"
+        rf"(?P<S>\w+) (?:{_alternatives(T.IOI_ACTIONS)}) (?P<IO>\w+)\."
+    )
+
+
 def test_ioi_sentences_repeat_the_subject_and_end_on_the_other_name():
-    found = list(_matches(T.for_split(T.IOI, "train"), only("ioi", 40)))
-    assert len(found) > 100
+    sentences = only("ioi", 40)
+    found = list(_matches(T.for_split(T.IOI, "train"), sentences))
+    assert len(found) > 20
+    composed = [m for m in map(_composed_ioi().fullmatch, sentences) if m]
+    assert len(composed) > 100
+    found += [(None, m) for m in composed]
     orders = set()
     for _, m in found:
         assert {m["A"], m["B"]} == {m["S"], m["IO"]} and m["S"] != m["IO"]
@@ -383,3 +404,10 @@ def test_tokenizer_errors():
         build_tokenizer(texts, 100)
     with pytest.raises(InterplabError, match="too small: .* required strings"):
         build_tokenizer(texts, 300)
+
+
+def test_composed_ioi_frames_share_no_opener_or_action_with_heldout_frames():
+    for template in T.for_split(T.IOI, "heldout"):
+        assert not any(template.text.startswith(o + " {A}") for o in T.IOI_OPENERS), template
+        action = template.text.split("{S} ")[-1].removesuffix(" {IO}.")
+        assert action not in T.IOI_ACTIONS, template

@@ -9,10 +9,14 @@ known gender) and eight to sixteen "blocks", each drawn from the phenomenon mix,
 into paragraphs. Phenomena and their surface forms:
 
 - ``ioi`` (indirect object identification): two names, one repeated as the subject, the
-  other is the recipient. 18 training frames ("When Mary and John went to the store, John
-  gave a drink to Mary."), 6 held-out frames; ABBA and BABA orders; 30 places, 59 objects.
-- ``induction`` (repeated spans): half the time a span of 3-24 random words (drawn with
-  replacement) written two or three times in a row with no cue; otherwise a random word list written down and read out again one
+  other is the recipient ("When Mary and John went to the store, John gave a drink to Mary.").
+  Training text uses 18 fixed frames a quarter of the time and otherwise frames composed from
+  parts (20 openers x 25 events x 6 joints x 30 actions, `storyworld_templates.compose_ioi`);
+  6 held-out frames share no opener or action with them; ABBA and BABA orders; 30 places,
+  59 objects.
+- ``induction`` (repeated spans): 60% of the time a span of 3-40 random words (drawn with
+  replacement) written two or three times in a row with no cue, as sentences or as one
+  run-on stream; otherwise a random word list written down and read out again one
   to three blocks later; a letter/number code typed again later; a chant repeated two or
   three times in a row; an earlier sentence of the document quoted verbatim; a roll call of
   names called out twice.
@@ -63,7 +67,7 @@ from typing import Literal
 from interplab.data.corpus.storyworld_blocks import BLOCKS, Doc, resources
 from interplab.errors import InterplabError, unknown
 
-VERSION = "2"
+VERSION = "3"
 """Bumped whenever any document for a given config changes."""
 
 PHENOMENA: tuple[str, ...] = (
@@ -84,7 +88,7 @@ def default_mix() -> dict[str, float]:
     """Relative block weights that give each phenomenon a decent share of documents."""
     return {
         "narrative": 1.0,
-        "ioi": 1.0,
+        "ioi": 1.5,
         "induction": 1.5,
         "successor": 1.0,
         "offsets": 0.6,

@@ -25,6 +25,8 @@ class Resources:
 
     names: tuple[str, ...]
     ioi: tuple[T.Template, ...]
+    compose_ioi: bool
+    """Whether IOI sentences are also composed from parts (training text only)."""
     pronoun: tuple[T.Template, ...]
     facts: dict[str, tuple[T.Template, ...]]
     offset: tuple[tuple[T.Template, T.Template], ...]
@@ -38,6 +40,7 @@ def resources(split: str) -> Resources:
     return Resources(
         names=female + male,
         ioi=T.for_split(T.IOI, split),  # type: ignore[arg-type]
+        compose_ioi=not heldout,
         pronoun=T.for_split(T.PRONOUN, split),  # type: ignore[arg-type]
         facts={r: T.for_split(f, split) for r, f in T.FACTS.items()},  # type: ignore[arg-type]
         offset=tuple(p for p in T.OFFSET if p[0].heldout == heldout),
@@ -127,7 +130,14 @@ def _ioi(d: Doc) -> list[str]:
     rng = d.rng
     io, s = rng.sample(d.cast, 2)
     a, b = (io, s) if rng.random() < 0.5 else (s, io)  # ABBA or BABA
-    out = [d.fill(rng.choice(d.res.ioi).text, A=a, B=b, S=s, IO=io)]
+    if d.res.compose_ioi and rng.random() < 0.75:
+        opener, event = rng.choice(T.IOI_OPENERS), rng.choice(T.IOI_EVENTS)
+        # a subordinate clause ("When A and B ...") needs a plain comma before the main one
+        joint = ", " if opener in T.IOI_SUBORDINATE else rng.choice(T.IOI_JOINTS)
+        frame = T.compose_ioi(opener, event, joint, rng.choice(T.IOI_ACTIONS))
+    else:
+        frame = rng.choice(d.res.ioi).text
+    out = [d.fill(frame, A=a, B=b, S=s, IO=io)]
     if rng.random() < 0.5:
         out.append(
             d.fill(rng.choice(["{name} said thank you.", "{Pron} was very happy."]), name=io)
@@ -144,16 +154,18 @@ def _uncued_repeat(rng: random.Random) -> str:
     again with no cue phrase. Without such spans a model learns "copy only when told to" and
     no general induction: cued lists alone taught storyworld v1 models to predict that a listed
     word does not come back."""
-    span = rng.choices(V.INDUCTION_WORDS, k=rng.randint(3, 24))
+    span = rng.choices(V.INDUCTION_WORDS, k=rng.randint(3, 40))
     text = " ".join(span)
-    copies = rng.randint(2, 3)
-    return " ".join([text.capitalize() + "."] + [text + "." for _ in range(copies - 1)])
+    copies = rng.randint(2, 3) if len(span) <= 16 else 2
+    if rng.random() < 0.5:  # as sentences
+        return " ".join([text.capitalize() + "."] + [text + "." for _ in range(copies - 1)])
+    return " ".join([text] * copies) + "."  # one run-on stream, as in [BOS] r r probes
 
 
 def _induction(d: Doc) -> list[str]:
     rng = d.rng
     name = d.person()
-    if rng.random() < 0.5:
+    if rng.random() < 0.6:
         return [_uncued_repeat(rng)]
     form = rng.randrange(5)
     if form == 4:  # quote an earlier sentence verbatim

@@ -106,6 +106,48 @@ IOI: tuple[Template, ...] = _family(
     ],
 )
 
+# Training IOI text is mostly composed from parts: opener + "{A} and {B}" + event + joint +
+# "{S}" + action + "{IO}." (about 20 x 25 x 6 x 30 frames), so a model meets the structure in
+# thousands of phrasings and learns the rule rather than 18 frames. No part below comes from
+# a held-out frame: their verbs ("tossed", "mailed", "told a secret", "returned", "carried")
+# and openers ("As soon as", "Before", "Because", "It was late", "In the morning", "Later that
+# evening") never occur in training IOI sentences, so held-out frames stay unseen wholes.
+# fmt: off
+IOI_OPENERS: tuple[str, ...] = (
+    "When", "After", "While", "Once", "Then,", "Today", "Yesterday", "Later,", "On {day},",
+    "After the lunch,", "Since", "At the {place},", "One day", "That day", "After school,",
+    "Last {day},", "At noon", "Soon", "In the evening", "After dinner,",
+)
+IOI_EVENTS: tuple[str, ...] = (
+    "went to the {place}", "got {a_obj} at the {place}", "were working at the {place}",
+    "arrived at the {place}", "met at the {place}", "left the {place}", "cleaned the {place}",
+    "walked home from the {place}", "were hungry at the {place}", "found {a_obj} at the {place}",
+    "had a long argument", "visited the {place}", "were at the {place}", "sat in the {place}",
+    "played near the {place}", "ate {food} at the {place}", "came back from the {place}",
+    "waited at the {place}", "looked around the {place}", "talked for a while",
+    "opened the {place}", "painted the {place}", "shared {food} at the {place}",
+    "ran to the {place}", "were happy at the {place}",
+)
+IOI_SUBORDINATE: tuple[str, ...] = ("When", "After", "While", "Once", "Since")
+IOI_JOINTS: tuple[str, ...] = (", ", ". ", ", and ", ", so ", ". Later, ", ", and afterwards ")
+IOI_ACTIONS: tuple[str, ...] = (
+    "gave {a_obj} to", "handed {a_obj} to", "threw the {obj} to", "passed the {obj} to",
+    "showed the {obj} to", "offered {a_obj} to", "lent {a_obj} to", "wrote a letter to",
+    "sold {a_obj} to", "brought {a_obj} for", "said sorry to", "decided to give it to",
+    "gave it to", "sent {a_obj} to", "read a story to", "waved to", "smiled at", "talked to",
+    "sang a song for", "made {a_obj} for", "bought {a_obj} for", "explained the plan to",
+    "gave the {obj} to", "baked {food} for", "sold the {obj} to", "handed the {obj} over to",
+    "showed {a_obj} to", "wanted to give the {obj} to", "said goodbye to", "offered the {obj} to",
+)
+# fmt: on
+
+
+def compose_ioi(opener: str, event: str, joint: str, action: str) -> str:
+    """One composed IOI frame, e.g. ("When", "met at the {place}", ", ", "gave {a_obj} to") ->
+    "When {A} and {B} met at the {place}, {S} gave {a_obj} to {IO}."."""
+    return f"{opener} {{A}} and {{B}} {event}{joint}{{S}} {action} {{IO}}."
+
+
 # ---------------------------------------------------------------- pronoun agreement
 # Slots: name, pron (answer: " he" / " she"), obj, a_obj, place, food, day.
 PRONOUN: tuple[Template, ...] = _family(

@@ -22,8 +22,10 @@ from interplab.dictionaries import (
     build_dictionary,
     config_from_dict,
     geometric_median,
+    reconstruction_metrics,
     train_dictionaries,
 )
+from interplab.dictionaries.base import dense_encoder_scale
 from interplab.errors import InterplabError
 
 
@@ -133,6 +135,31 @@ def test_encoder_initialised_as_decoder_transpose():
     d = _build(TopK(D_SAE, k=4, init_encoder_as_decoder_transpose=False))
     assert not torch.equal(d.W_enc, d.W_dec.T)
     assert torch.allclose(d.W_enc.norm(dim=0), torch.ones(D_SAE))
+
+
+@pytest.mark.parametrize("config", [ReLU(1024), Gated(1024), JumpReLU(1024)], ids=_id)
+def test_dense_variants_start_with_the_least_squares_encoder_scale(config):
+    """W_enc = s * W_dec.T with s = 2 d_in / (d_sae + 2 d_in). For isotropic inputs the
+    expected initial FVU is then 2 / (r + 2) (r = d_sae / d_in; 1/9 here), and s minimises
+    it: a 0.8x or 1.25x encoder does worse. An unscaled encoder starts at FVU ~70 here."""
+    d_in, r = 64, config.d_sae / 64
+    torch.manual_seed(0)
+    d = build_dictionary(config, d_in)
+    scale = dense_encoder_scale(d_in, config.d_sae)
+    assert scale == pytest.approx(2 / (r + 2))
+    assert torch.allclose(d.W_enc, scale * d.W_dec.T)
+    assert torch.allclose(d.W_dec.norm(dim=1), torch.ones(config.d_sae))
+    x = torch.randn(4096, d_in, generator=torch.Generator().manual_seed(1))
+
+    def fvu(factor: float) -> float:
+        with torch.no_grad():
+            d.W_enc.mul_(factor)
+            value = reconstruction_metrics(d, x).fvu
+            d.W_enc.div_(factor)
+        return value
+
+    assert fvu(1.0) == pytest.approx(2 / (r + 2), rel=0.15)
+    assert fvu(1.0) < min(fvu(0.8), fvu(1.25))
 
 
 def test_relu_l1_is_weighted_by_decoder_norms():

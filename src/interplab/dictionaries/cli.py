@@ -113,20 +113,66 @@ def train_sae_command(
     out: Annotated[Path, typer.Option(help="Folder that holds run folders.")] = Path("runs"),
     name: Annotated[str | None, typer.Option(help="Dictionary name in the run.")] = None,
     seed: Annotated[int, typer.Option(help="Initialisation seed.")] = 0,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="cpu, cuda, cuda:N (under torchrun: cpu or cuda = cuda:LOCAL_RANK)."),
+    ] = None,
 ) -> None:
-    """Train a sparse dictionary on one hook of MODEL, evaluate it spliced in, save a run."""
+    """Train a sparse dictionary on one hook of MODEL, evaluate it spliced in, save a run.
+
+    Launched by `torchrun --nproc_per_node=N -m interplab train-sae ...` it trains
+    data-parallel (gloo on CPU, NCCL on CUDA): each rank reads its own part of the cache (or
+    streams its own token windows), gradients are averaged over ranks, and rank 0 alone
+    writes the run, its checkpoints and the dictionary, shows progress and evaluates.
+    """
+    from interplab.dictionaries.distributed import launch
+
+    config = make_config(arch, d_sae, k=k, l1=l1, l0=l0, transcoder=hook_out is not None, skip=skip)
+    with launch(device) as place:
+        _train_sae(
+            place, config, model, hook, hook_out, tokens, corpus, store, batch_size, lr,
+            context_size, eval_tokens, out, name, seed,
+        )  # fmt: skip
+
+
+def _train_sae(
+    place: Any,
+    config: Any,
+    model: str,
+    hook: str,
+    hook_out: str | None,
+    tokens: int | None,
+    corpus: str,
+    store: Path | None,
+    batch_size: int,
+    lr: float | None,
+    context_size: int,
+    eval_tokens: int,
+    out: Path,
+    name: str | None,
+    seed: int,
+) -> None:
+    """The body of `train-sae` on one rank (`place`: this process's rank and device)."""
+    from contextlib import nullcontext
+    from dataclasses import replace
+
     import interplab as il
     from interplab.dictionaries.api import train_dictionary
     from interplab.dictionaries.configs import describe
-    from interplab.dictionaries.evaluate import evaluate_dictionary
+    from interplab.dictionaries.distributed import broadcast_object, rank_shard
     from interplab.dictionaries.training import TrainConfig
     from interplab.errors import InterplabError
     from interplab.runs import start_run
 
-    config = make_config(arch, d_sae, k=k, l1=l1, l0=l0, transcoder=hook_out is not None, skip=skip)
+    world, device = place.world, place.device
     hooks = [hook] if hook_out is None else [hook, hook_out]
-    m = il.load_model(model, device=device)
+    loaded: list[Any] = []
+
+    def the_model() -> Any:  # loaded only where needed: streaming, or rank 0's evaluation
+        if not loaded:
+            loaded.append(il.load_model(model, device=device))
+        return loaded[0]
+
     if store is not None:
         acts = il.ActivationStore.open(store)
         missing = [h for h in hooks if h not in acts.hooks]
@@ -134,19 +180,30 @@ def train_sae_command(
             raise InterplabError(
                 f"the cache in {store} holds {', '.join(acts.hooks)}, not {', '.join(missing)}."
             )
+        n_tokens = tokens or acts.n_tokens
+        acts = rank_shard(acts, world)
     else:
         if tokens is None:
             raise InterplabError("--tokens is required when activations are not read from --store.")
-        acts = il.activations(m, hooks, corpus, tokens, context_size=context_size)
-    n_tokens = tokens or acts.n_tokens
+        n_tokens = tokens
+        acts = _streamed_activations(the_model(), hooks, corpus, tokens, context_size, world)
+    if world.is_main and eval_tokens > 0:
+        the_model()  # a bad MODEL fails now, not after training
     train_config = TrainConfig(batch_size=batch_size, total_tokens=n_tokens, lr=lr, seed=seed)
     member = name or describe(config)
     settings = {
         "model": model, "hook": hook, "hook_out": hook_out, "corpus": corpus,
         "store": str(store) if store else None, "tokens": n_tokens, "config": config.to_dict(),
         "train": train_config, "eval_tokens": eval_tokens, "context_size": context_size,
+        "world_size": world.size,
     }  # fmt: skip
-    with start_run("train-sae", settings, root=out) as run:
+    # Rank 0 owns the run folder; the other ranks only need its checkpoint path, so that
+    # every rank agrees on when to checkpoint and whether to resume.
+    run_context = start_run("train-sae", settings, root=out) if world.is_main else nullcontext()
+    with run_context as run:
+        run_dir = Path(broadcast_object(str(run.dir) if run is not None else None, world))
+        if run is None:
+            train_config = replace(train_config, checkpoint_dir=str(run_dir / "checkpoints"))
         dictionary = train_dictionary(
             acts,
             config,
@@ -158,10 +215,16 @@ def train_sae_command(
             model_name=model,
             name=member,
         )
+        if run is None:
+            return
         folder = run.dir / "dictionaries" / member
         trained = train_config.total_steps * train_config.batch_size
-        typer.echo(f"trained {member} on {trained:,} tokens of {hook}")
+        ranks = f" on {world.size} ranks" if world.distributed else ""
+        typer.echo(f"trained {member} on {trained:,} tokens of {hook}{ranks}")
         if eval_tokens > 0:
+            from interplab.dictionaries.evaluate import evaluate_dictionary
+
+            m = the_model()
             result = evaluate_dictionary(
                 dictionary,
                 m,
@@ -173,6 +236,43 @@ def train_sae_command(
             result.save(run, "evaluation")
             _print_table(result.table_rows())
     typer.echo(f"dictionary: {folder}\nrun: {run.dir}")
+
+
+def _streamed_activations(
+    model: Any, hooks: list[str], corpus: str, tokens: int, context_size: int, world: Any
+) -> Any:
+    """A store streaming `tokens` rows from the model; under torchrun each rank gets every
+    world.size-th window of the packed corpus, so ranks run disjoint forward passes."""
+    import interplab as il
+
+    if not world.distributed:
+        return il.activations(model, hooks, corpus, tokens, context_size=context_size)
+    import math
+
+    from interplab.data.corpus import pack
+    from interplab.errors import InterplabError
+
+    if context_size > model.cfg.n_ctx:
+        raise InterplabError(
+            f"context_size {context_size} is longer than the model's context ({model.cfg.n_ctx})."
+        )
+    per_window = context_size - 1  # the BOS position is not a training row
+    n_windows = math.ceil(tokens / per_window)
+    if n_windows < world.size:
+        raise InterplabError(
+            f"--tokens {tokens} fills {n_windows} window(s) of {context_size}; "
+            f"{world.size} ranks need at least one each."
+        )
+    windows = pack(corpus, getattr(model, "tokenizer", None), context_size, n_windows).ids
+    mine = windows[world.rank :: world.size]
+    return il.activations(
+        model,
+        hooks,
+        mine,
+        mine.shape[0] * per_window,
+        context_size=context_size,
+        progress=world.is_main,
+    )
 
 
 def eval_sae_command(

@@ -26,6 +26,7 @@ class GatedDictionary(Dictionary):
 
     variant: Gated
     has_b_enc = False
+    dense_at_init = True
 
     def _init_variant_parameters(self, factory: dict[str, Any]) -> None:
         self.b_gate = nn.Parameter(torch.zeros(self.d_sae, **factory))

@@ -65,6 +65,7 @@ class JumpReLUDictionary(Dictionary):
     """JumpReLU SAE/transcoder with an L0 penalty (straight-through estimators)."""
 
     variant: JumpReLU
+    dense_at_init = True
 
     def _init_variant_parameters(self, factory: dict[str, Any]) -> None:
         init = self.variant.init_threshold

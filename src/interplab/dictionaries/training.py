@@ -14,9 +14,11 @@ scaled so their mean squared norm is d_in (d_out), as in Anthropic's April 2024 
 scale comes from the first batch and is folded back into the weights at the end, so the
 returned dictionaries work on raw activations (their decoder rows then have norm 1/scale).
 
-Distributed: under an initialised `torch.distributed` process group each rank reads its own
-shard (its own `batches`), gradients are averaged before each step, dead-latent counters
-and BatchTopK thresholds are synchronised, and rank 0 logs and saves. For losses that are
+Distributed: under an initialised `torch.distributed` process group (e.g. `torchrun ... -m
+interplab train-sae`, which joins it with `distributed.launch`) each rank reads its own
+shard (its own `batches`; `distributed.rank_shard` splits a cached store), gradients are
+averaged before each step, dead-latent counters and BatchTopK thresholds are synchronised,
+and rank 0 logs and saves (checkpoints go to a path every rank must see). For losses that are
 means over tokens of per-token terms this equals single-process training on the
 concatenated batches: ReLU, TopK (incl. AuxK, whose dead mask is global), Matryoshka,
 JumpReLU, Gated and their transcoders. BatchTopK is not equivalent: its top k * batch is
@@ -459,7 +461,8 @@ def train_dictionaries(
     torch.manual_seed(cfg.seed)
     members = _build_members(configs, member_names, d_in, d_out, cfg, device, dtype)
     state = _State()
-    if cfg.resume and ckpt_path is not None and ckpt_path.exists():
+    if _agree_to_resume(cfg.resume and ckpt_path is not None and ckpt_path.exists(), world, device):
+        assert ckpt_path is not None
         _load_checkpoint(ckpt_path, members, state, fingerprint)
     else:
         _initialise(members, first_x, first_y, cfg, state, world, device, dtype)
@@ -505,6 +508,21 @@ def train_dictionaries(
         if run is not None:
             run.log(step=state.step, stopped_early_at_tokens=float(state.tokens))
     return _finish(members, state, run, world)
+
+
+def _agree_to_resume(found: bool, world: World, device: torch.device) -> bool:
+    """Whether to resume; every rank must see the checkpoint, else ranks would take different
+    paths (load vs initialise) and wait on each other's collectives forever."""
+    if not world.distributed:
+        return found
+    votes = torch.tensor([float(found), float(not found)], device=device)
+    all_reduce_(votes, world, op="max")
+    if bool(votes[0]) and bool(votes[1]):
+        raise InterplabError(
+            "the checkpoint exists on some ranks only; put checkpoint_dir (or the run folder) "
+            "on a filesystem every rank shares, or set resume=False."
+        )
+    return found
 
 
 def _build_members(

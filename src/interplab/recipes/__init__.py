@@ -22,6 +22,8 @@ RECIPES: dict[str, str] = {
     "superposition": "interplab.recipes.superposition",
     "grokking": "interplab.recipes.grokking",
     "sae": "interplab.recipes.sae",
+    "attention-superposition": "interplab.recipes.attention_superposition",
+    "hierarchy": "interplab.recipes.hierarchy",
 }
 
 

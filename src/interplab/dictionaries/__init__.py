@@ -53,6 +53,11 @@ _LAZY: dict[str, str] = {
     "compare_dictionaries": "compare",
     "OpposingPairs": "compare",
     "opposing_pairs": "compare",
+    "top_activations": "features",
+    "logit_effects": "features",
+    "TopActivations": "features",
+    "LogitEffects": "features",
+    "FeatureExample": "features",
 }
 
 __all__ = [
@@ -62,6 +67,9 @@ __all__ = [
     "DictionaryConfig",
     "DictionaryEvaluation",
     "DictionaryOutput",
+    "FeatureExample",
+    "LogitEffects",
+    "TopActivations",
     "Gated",
     "JumpReLU",
     "Matryoshka",
@@ -80,10 +88,12 @@ __all__ = [
     "evaluate_dictionary",
     "geometric_median",
     "load_dictionary",
+    "logit_effects",
     "opposing_pairs",
     "plot_frontier",
     "reconstruction_metrics",
     "save_dictionary",
+    "top_activations",
     "train_dictionaries",
     "train_dictionary",
 ]
@@ -128,6 +138,13 @@ if TYPE_CHECKING:  # pragma: no cover
         DictionaryEvaluation,
         evaluate_dictionary,
         plot_frontier,
+    )
+    from interplab.dictionaries.features import (
+        FeatureExample,
+        LogitEffects,
+        TopActivations,
+        logit_effects,
+        top_activations,
     )
     from interplab.dictionaries.io import load_dictionary, save_dictionary
     from interplab.dictionaries.kernels import SparseCode

@@ -24,6 +24,7 @@ RECIPES: dict[str, str] = {
     "sae": "interplab.recipes.sae",
     "attention-superposition": "interplab.recipes.attention_superposition",
     "hierarchy": "interplab.recipes.hierarchy",
+    "llc": "interplab.recipes.llc",
 }
 
 

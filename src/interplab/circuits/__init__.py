@@ -26,6 +26,19 @@ from interplab.circuits.ablation import (
     ablation_hooks,
     parse_target,
 )
+from interplab.circuits.attribution import (
+    ATTRIBUTION_METHODS,
+    AttributionComparison,
+    AttributionMethod,
+    AttributionResult,
+    attribute,
+    attribute_heads,
+    attribute_mlp,
+    attribute_neurons,
+    attribute_residual,
+    attribute_tokens,
+    compare_to_patching,
+)
 from interplab.circuits.capture import capture
 from interplab.circuits.lenses import (
     DLAResult,
@@ -66,8 +79,37 @@ from interplab.circuits.patching import (
     patch_residual,
     patch_tokens,
 )
+from interplab.circuits.path_patching import (
+    RECEIVER_INPUTS,
+    VIAS,
+    PathNode,
+    PathPatchingResult,
+    ReceiverInput,
+    Via,
+    path_patch,
+    path_patch_tokens,
+)
 
 __all__ = [
+    "ATTRIBUTION_METHODS",
+    "RECEIVER_INPUTS",
+    "VIAS",
+    "AttributionComparison",
+    "AttributionMethod",
+    "AttributionResult",
+    "PathNode",
+    "PathPatchingResult",
+    "ReceiverInput",
+    "Via",
+    "attribute",
+    "attribute_heads",
+    "attribute_mlp",
+    "attribute_neurons",
+    "attribute_residual",
+    "attribute_tokens",
+    "compare_to_patching",
+    "path_patch",
+    "path_patch_tokens",
     "ABLATION_KINDS",
     "COMPONENTS",
     "METRIC_KINDS",

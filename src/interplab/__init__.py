@@ -31,6 +31,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "data": ("interplab.data", None),
     "toys": ("interplab.toys", None),
     "slt": ("interplab.slt", None),
+    "train_attention_transcoder": (
+        "interplab.dictionaries.attention_transcoder",
+        "train_attention_transcoder",
+    ),
+    "evaluate_attention_transcoder": (
+        "interplab.dictionaries.attention_transcoder",
+        "evaluate_attention_transcoder",
+    ),
     "estimate_llc": ("interplab.slt", "estimate_llc"),
     "LLCConfig": ("interplab.slt", "LLCConfig"),
     "circuits": ("interplab.circuits", None),

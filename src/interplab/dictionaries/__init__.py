@@ -58,9 +58,37 @@ _LAZY: dict[str, str] = {
     "TopActivations": "features",
     "LogitEffects": "features",
     "FeatureExample": "features",
+    "AttentionTranscoder": "attention_transcoder",
+    "AttentionTranscoderConfig": "attention_transcoder",
+    "AttentionTrainConfig": "attention_transcoder",
+    "AttentionTranscoderEvaluation": "attention_transcoder",
+    "AttentionTranscoderOutput": "attention_transcoder",
+    "SplicedRun": "attention_transcoder",
+    "train_attention_transcoder": "attention_transcoder",
+    "fit_attention_transcoder": "attention_transcoder",
+    "evaluate_attention_transcoder": "attention_transcoder",
+    "run_with_attention_transcoder": "attention_transcoder",
+    "ablate_heads": "attention_transcoder",
+    "steer_heads": "attention_transcoder",
+    "save_attention_transcoder": "attention_transcoder",
+    "load_attention_transcoder": "attention_transcoder",
 }
 
 __all__ = [
+    "AttentionTranscoder",
+    "AttentionTranscoderConfig",
+    "AttentionTrainConfig",
+    "AttentionTranscoderEvaluation",
+    "AttentionTranscoderOutput",
+    "SplicedRun",
+    "train_attention_transcoder",
+    "fit_attention_transcoder",
+    "evaluate_attention_transcoder",
+    "run_with_attention_transcoder",
+    "ablate_heads",
+    "steer_heads",
+    "save_attention_transcoder",
+    "load_attention_transcoder",
     "BatchTopK",
     "Comparison",
     "Dictionary",
@@ -113,6 +141,22 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from interplab.dictionaries.api import train_dictionary
+    from interplab.dictionaries.attention_transcoder import (
+        AttentionTrainConfig,
+        AttentionTranscoder,
+        AttentionTranscoderConfig,
+        AttentionTranscoderEvaluation,
+        AttentionTranscoderOutput,
+        SplicedRun,
+        ablate_heads,
+        evaluate_attention_transcoder,
+        fit_attention_transcoder,
+        load_attention_transcoder,
+        run_with_attention_transcoder,
+        save_attention_transcoder,
+        steer_heads,
+        train_attention_transcoder,
+    )
     from interplab.dictionaries.base import Dictionary, DictionaryOutput, geometric_median
     from interplab.dictionaries.build import build_dictionary
     from interplab.dictionaries.compare import (

@@ -25,6 +25,7 @@ RECIPES: dict[str, str] = {
     "attention-superposition": "interplab.recipes.attention_superposition",
     "hierarchy": "interplab.recipes.hierarchy",
     "llc": "interplab.recipes.llc",
+    "attention-transcoder": "interplab.recipes.attention_transcoder",
 }
 
 

@@ -26,6 +26,7 @@ from interplab.circuits.ablation import (
     ablation_hooks,
     parse_target,
 )
+from interplab.circuits.acdc import acdc
 from interplab.circuits.attribution import (
     ATTRIBUTION_METHODS,
     AttributionComparison,
@@ -40,6 +41,10 @@ from interplab.circuits.attribution import (
     compare_to_patching,
 )
 from interplab.circuits.capture import capture
+from interplab.circuits.eap import EdgeAttribution, eap, eap_ig, exact_edge_scores
+from interplab.circuits.edge_patching import EdgeModel, EdgePatcher
+from interplab.circuits.faithfulness import Faithfulness, faithfulness, faithfulness_curve
+from interplab.circuits.graph import Circuit, Graph
 from interplab.circuits.lenses import (
     DLAResult,
     LogitLensResult,
@@ -91,6 +96,18 @@ from interplab.circuits.path_patching import (
 )
 
 __all__ = [
+    "Circuit",
+    "EdgeAttribution",
+    "EdgeModel",
+    "EdgePatcher",
+    "Faithfulness",
+    "Graph",
+    "acdc",
+    "eap",
+    "eap_ig",
+    "exact_edge_scores",
+    "faithfulness",
+    "faithfulness_curve",
     "ATTRIBUTION_METHODS",
     "RECEIVER_INPUTS",
     "VIAS",

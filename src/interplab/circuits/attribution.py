@@ -62,8 +62,9 @@ from interplab.circuits.patching import (
     _aggregate,
     _pad_positions,
     _Scorer,
+    bind_metric,
+    prepare_tokens,
 )
-from interplab.circuits.path_patching import bind_metric, prepare_tokens
 from interplab.errors import InterplabError, unknown
 from interplab.models.hooks import check_hook_names
 
@@ -335,7 +336,7 @@ def attribute_tokens(
 
     device = model_device(model, device)
     clean_tokens, corrupted_tokens, metric, full_width = prepare_tokens(
-        model, clean_tokens, corrupted_tokens, metric, device
+        clean_tokens, corrupted_tokens, metric, device
     )
     batch = clean_tokens.shape[0]
     scorer = _Scorer(model, metric, batch)

@@ -470,7 +470,7 @@ class EdgePatcher:
         self.batch = self.tokens.shape[0]
         self.max_batch = max_batch
         self.ablation = ablation
-        self.metric = bind_metric(model, task, metric, self.tokens)
+        self.metric = _task_metric(model, task, metric)
         self.reference: Tensor | None = None
         """Prompts whose mean sender outputs 'mean' ablation uses (cut to the task width)."""
         if ablation == "corrupted":
@@ -551,20 +551,15 @@ def _check_graph(graph: Graph, expected: Graph) -> None:
         raise InterplabError(f"the circuit's graph {graph} is not this model's graph {expected}.")
 
 
-def bind_metric(model: Any, task: Any, metric: Any, clean_tokens: Tensor) -> Any:
-    """A `TaskMetric` from a metric name (computing the clean reference for 'kl') or a
-    `TaskMetric` as is."""
-    from interplab.circuits.metrics import TaskMetric, task_metric
+def _task_metric(model: Any, task: Any, metric: Any) -> Any:
+    """A `TaskMetric` from a metric name or a `TaskMetric` (edge patching reads its answer
+    positions, so a bare callable is refused)."""
+    from interplab.circuits.metrics import TaskMetric
+    from interplab.circuits.patching import bind_metric
 
-    if isinstance(metric, TaskMetric):
-        return metric
-    if not isinstance(metric, str):
+    if not isinstance(metric, str | TaskMetric):
         raise InterplabError(
             f"metric must be a metric name ('logit_diff', 'kl', ...) or a TaskMetric, got "
             f"{type(metric).__name__}."
         )
-    clean_logits = None
-    if metric == "kl":
-        with torch.no_grad():
-            clean_logits = model(clean_tokens)
-    return task_metric(metric, task, clean_logits)  # type: ignore[arg-type]
+    return bind_metric(model, task, metric)

@@ -518,17 +518,11 @@ def patch(
     check_task(task)
     device = model_device(model, device)
     task = task.to(device)
-    if isinstance(metric, str):
-        clean_logits = None
-        if metric == "kl":
-            with torch.inference_mode():
-                clean_logits = model(task.clean_tokens)
-        metric = task_metric(metric, task, clean_logits)  # type: ignore[arg-type]
     return patch_tokens(
         model,
         task.clean_tokens,
         task.corrupted_tokens,
-        metric,
+        bind_metric(model, task, metric),
         component,
         over,
         direction=direction,
@@ -556,7 +550,6 @@ def patch_tokens(
     progress: bool = False,
 ) -> PatchingResult:
     """`patch` on explicit token pairs with a metric object or callable (see `patch`)."""
-    check_pair(clean_tokens, corrupted_tokens)
     if component not in _LAYOUT:
         raise unknown("patching component", str(component), COMPONENTS, show_all=True)
     if direction not in DIRECTIONS:
@@ -580,19 +573,9 @@ def patch_tokens(
     check_hook_names(model, names)
 
     device = model_device(model, device)
-    clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
-    full_width = clean_tokens.shape[1]
-    width = full_width
-    if isinstance(metric, TaskMetric):
-        if metric.answers.shape[0] != clean_tokens.shape[0]:
-            raise InterplabError(
-                f"the metric has {metric.answers.shape[0]} examples but there are "
-                f"{clean_tokens.shape[0]} prompts."
-            )
-        metric = _on_device(metric, device)
-        # a causal model's positions after the last scored one cannot affect the metric
-        width = int(metric.answer_pos.max()) + 1
-    clean_tokens, corrupted_tokens = clean_tokens[:, :width], corrupted_tokens[:, :width]
+    clean_tokens, corrupted_tokens, metric, full_width = prepare_tokens(
+        clean_tokens, corrupted_tokens, metric, device
+    )
 
     batch = clean_tokens.shape[0]
     scorer = _Scorer(model, metric, batch)
@@ -623,7 +606,7 @@ def patch_tokens(
             max_batch,
             progress,
         )
-    if "pos" in over and width < full_width:
+    if "pos" in over and clean_tokens.shape[1] < full_width:
         per_example = _pad_positions(per_example, over.index("pos") + 1, full_width, base_values)
 
     clean = Estimate.of(clean_values)
@@ -664,6 +647,42 @@ def _on_device(metric: TaskMetric, device: torch.device) -> TaskMetric:
         answer_pos=metric.answer_pos.to(device),
         reference=None if metric.reference is None else metric.reference.to(device),
     )
+
+
+def bind_metric(model: Any, task: Any, metric: Any) -> TaskMetric | Callable:
+    """A metric name bound to `task` (clean logits computed for 'kl'), or `metric` as given."""
+    if not isinstance(metric, str):
+        return metric
+    clean_logits = None
+    if metric == "kl":
+        # no_grad, not inference_mode: gradient methods (AtP, EAP) differentiate through a
+        # KL against these logits, and inference tensors cannot be saved for backward
+        with torch.no_grad():
+            clean_logits = model(task.clean_tokens)
+    return task_metric(metric, task, clean_logits)  # type: ignore[arg-type]
+
+
+def prepare_tokens(
+    clean_tokens: Tensor,
+    corrupted_tokens: Tensor,
+    metric: TaskMetric | Callable,
+    device: torch.device,
+) -> tuple[Tensor, Tensor, TaskMetric | Callable, int]:
+    """Tokens on `device`, cut after the last answer position a task metric reads (a causal
+    model's later positions cannot reach it); returns (clean, corrupted, metric, full width)."""
+    check_pair(clean_tokens, corrupted_tokens)
+    clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
+    full_width = clean_tokens.shape[1]
+    if isinstance(metric, TaskMetric):
+        if metric.answers.shape[0] != clean_tokens.shape[0]:
+            raise InterplabError(
+                f"the metric has {metric.answers.shape[0]} examples but there are "
+                f"{clean_tokens.shape[0]} prompts."
+            )
+        metric = _on_device(metric, device)
+        width = int(metric.answer_pos.max()) + 1
+        clean_tokens, corrupted_tokens = clean_tokens[:, :width], corrupted_tokens[:, :width]
+    return clean_tokens, corrupted_tokens, metric, full_width
 
 
 def _pad_positions(per_example: Tensor, dim: int, width: int, base_values: Tensor) -> Tensor:

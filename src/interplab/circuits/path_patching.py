@@ -56,10 +56,8 @@ from interplab.circuits.ablation import Head, LayerOutput, parse_target
 from interplab.circuits.metrics import (
     Estimate,
     TaskMetric,
-    check_pair,
     check_task,
     model_device,
-    task_metric,
 )
 from interplab.circuits.patching import (
     DIRECTIONS,
@@ -68,8 +66,9 @@ from interplab.circuits.patching import (
     PatchingResult,
     _aggregate,
     _capture_and_score,
-    _on_device,
     _Scorer,
+    bind_metric,
+    prepare_tokens,
 )
 from interplab.errors import InterplabError, unknown
 from interplab.models.hooks import check_hook_names
@@ -183,41 +182,6 @@ def parse_node(spec: Node, model: Any, role: Literal["sender", "receiver"]) -> P
             f"{node.layer} (attention-only)."
         )
     return node
-
-
-def bind_metric(model: Any, task: Any, metric: Metric) -> TaskMetric | Callable:
-    """A metric name bound to `task` (clean logits computed for 'kl'), or `metric` as given."""
-    if not isinstance(metric, str):
-        return metric
-    clean_logits = None
-    if metric == "kl":
-        with torch.inference_mode():
-            clean_logits = model(task.clean_tokens)
-    return task_metric(metric, task, clean_logits)  # type: ignore[arg-type]
-
-
-def prepare_tokens(
-    model: Any,
-    clean_tokens: Tensor,
-    corrupted_tokens: Tensor,
-    metric: TaskMetric | Callable,
-    device: torch.device,
-) -> tuple[Tensor, Tensor, TaskMetric | Callable, int]:
-    """Tokens on `device`, cut after the last answer position a task metric reads (a causal
-    model's later positions cannot reach it); returns (clean, corrupted, metric, full width)."""
-    check_pair(clean_tokens, corrupted_tokens)
-    clean_tokens, corrupted_tokens = clean_tokens.to(device), corrupted_tokens.to(device)
-    full_width = clean_tokens.shape[1]
-    if isinstance(metric, TaskMetric):
-        if metric.answers.shape[0] != clean_tokens.shape[0]:
-            raise InterplabError(
-                f"the metric has {metric.answers.shape[0]} examples but there are "
-                f"{clean_tokens.shape[0]} prompts."
-            )
-        metric = _on_device(metric, device)
-        width = int(metric.answer_pos.max()) + 1
-        clean_tokens, corrupted_tokens = clean_tokens[:, :width], corrupted_tokens[:, :width]
-    return clean_tokens, corrupted_tokens, metric, full_width
 
 
 # ------------------------------------------------------------------ public API
@@ -334,7 +298,7 @@ def path_patch_tokens(
 
     device = model_device(model, device)
     clean_tokens, corrupted_tokens, metric, _ = prepare_tokens(
-        model, clean_tokens, corrupted_tokens, metric, device
+        clean_tokens, corrupted_tokens, metric, device
     )
     batch = clean_tokens.shape[0]
     has_mlp = all(f"blocks.{i}.hook_mlp_out" in model.hook_dict for i in range(n_layers))

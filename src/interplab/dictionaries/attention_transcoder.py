@@ -60,9 +60,7 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -72,14 +70,13 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from interplab.dictionaries.io import CFG_FILE, WEIGHTS_FILE, write_folder
 from interplab.errors import InterplabError
 
 InputNorm = Literal["auto", "none", "scale", "layernorm"]
 QKInit = Literal["auto", "random", "layer"]
 OVInit = Literal["lstsq", "random"]
 ARCHITECTURE = "attention_transcoder"
-CFG_FILE = "cfg.json"
-WEIGHTS_FILE = "sae_weights.safetensors"
 LatentEdit = Callable[[Tensor], Tensor]
 """A function latents [batch, pos, n_heads] -> edited latents of the same shape."""
 
@@ -1542,7 +1539,6 @@ def save_attention_transcoder(
     """Write `cfg.json` + `sae_weights.safetensors` to folder `path`, atomically (a temporary
     folder renamed into place). `metadata` is merged into `transcoder.metadata`. An existing
     non-empty folder is only replaced with `overwrite=True`. Returns the folder."""
-    from safetensors.torch import save_file
 
     from interplab import __version__
 
@@ -1574,24 +1570,7 @@ def save_attention_transcoder(
             raise InterplabError(f"cannot save to {path}: it exists and is not a folder.")
         if any(path.iterdir()) and not overwrite:
             raise InterplabError(f"{path} is not empty; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    tmp = path.parent / f".{path.name}.tmp-{token}"
-    tmp.mkdir()
-    try:
-        (tmp / CFG_FILE).write_text(cfg_text)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{token}"
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return write_folder(path, cfg_text, tensors)
 
 
 def load_attention_transcoder(

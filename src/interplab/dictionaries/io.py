@@ -190,6 +190,12 @@ def save_dictionary(
                 f"{path} already holds a different dictionary (or other files); "
                 "pass overwrite=True to replace it."
             )
+    return write_folder(path, cfg_text, tensors)
+
+
+def write_folder(path: Path, cfg_text: str, tensors: dict[str, Any]) -> Path:
+    """Write cfg.json and the weights into `path` atomically: a temporary sibling folder is
+    filled and renamed into place, so a crash never leaves a half-written dictionary."""
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:8]
     tmp = path.parent / f".{path.name}.tmp-{token}"

@@ -99,3 +99,44 @@ def test_torchrun_train_sae_equals_single_process(cache, tmp_path):
         TrainConfig(batch_size=BATCH // 2, total_tokens=n_tokens // 2, seed=SEED, progress=False),
     )
     assert not torch.allclose(trained.W_dec, half.W_dec, rtol=1e-4, atol=1e-5)
+
+
+API_SCRIPT = """
+import sys
+import interplab as il
+from interplab.dictionaries import ReLU, TrainConfig, save_dictionary, train_dictionary
+from interplab.dictionaries.distributed import launch
+
+store_dir, out, hook, batch, d_sae, l1, seed = sys.argv[1:]
+with launch("cpu") as place:
+    store = il.ActivationStore.open(store_dir)  # the whole cache: train_dictionary splits it
+    config = TrainConfig(batch_size=int(batch), total_tokens=store.n_tokens, seed=int(seed),
+                         progress=False)
+    sae = train_dictionary(store, ReLU(int(d_sae), l1_coefficient=float(l1)), hook_name=hook,
+                           train_config=config, device="cpu")
+    if place.world.is_main:
+        save_dictionary(sae, out)
+"""
+
+
+def test_train_dictionary_api_under_torchrun(cache, tmp_path):
+    """A user's own script: `train_dictionary` on a whole cached store under torchrun gives
+    the data-parallel result (each rank reads its own rows) that the CLI gives."""
+    _, store_dir = cache
+    script = tmp_path / "train.py"
+    script.write_text(API_SCRIPT)
+    out = tmp_path / "sae"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(script), str(store_dir), str(out), HOOK, str(BATCH), str(D_SAE), str(L1), str(SEED),
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trained = load_dictionary(out)
+    n_tokens = il.ActivationStore.open(store_dir).n_tokens
+    config = TrainConfig(batch_size=BATCH, total_tokens=n_tokens, seed=SEED, progress=False)
+    batches = list(islice(_global_batches(store_dir, 2), config.total_steps))
+    [reference] = train_dictionaries([ReLU(D_SAE, l1_coefficient=L1)], batches, config)
+    for name, expected in reference.file_tensors().items():
+        assert torch.allclose(trained.file_tensors()[name], expected, rtol=1e-4, atol=1e-5), name

@@ -29,6 +29,7 @@ from interplab.dictionaries.attention_transcoder import (
     stream_windows,
     train_attention_transcoder,
 )
+from interplab.dictionaries.io import load_dictionary
 from interplab.errors import InterplabError
 from tests.conftest import make_hf_model, make_tokenizer
 
@@ -421,6 +422,10 @@ def test_save_load_round_trip(tmp_path):
     folder = save_attention_transcoder(t, tmp_path / "at", {"note": "x"})
     loaded = load_attention_transcoder(folder)
     assert loaded.config == t.config and loaded.input_norm == "scale"
+    via_generic = load_dictionary(folder)  # dispatches on cfg.json's architecture
+    assert type(via_generic) is type(loaded) and via_generic.config == t.config
+    with pytest.raises(InterplabError, match="activation_scale"):
+        load_dictionary(folder, activation_scale=2.0)
     for name, value in t.file_tensors().items():
         assert torch.equal(loaded.file_tensors()[name], value), name
     assert loaded.metadata == {"layer": 1, "model_name": "toy", "note": "x"}

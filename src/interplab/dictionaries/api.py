@@ -151,6 +151,17 @@ def _as_normal_tensors(stream: Iterator[Any]) -> Iterator[Any]:
         stream.close()
 
 
+def _this_ranks_part(store: Any) -> Any:
+    """Under torchrun, this rank's rows of a cached store (a store already split, or one that
+    streams from the model, is left as it is: streaming ranks choose their own windows)."""
+    from interplab.dictionaries.distributed import RankShard, current_world, rank_shard
+
+    world = current_world()
+    if not world.distributed or isinstance(store, RankShard) or store.folder is None:
+        return store
+    return rank_shard(store, world)
+
+
 def _saved_training_metadata(run: RunLike, name: str) -> dict[str, Any]:
     cfg_file = Path(run.path("dictionaries")) / name / "cfg.json"
     if not cfg_file.exists():
@@ -186,12 +197,18 @@ def train_dictionary(
         n_tokens: training tokens; overrides `train_config.total_tokens`. Default: the
             train_config's total when one is given, else one pass over the store.
         run: an `interplab.runs.Run` for metrics, checkpoints and the saved dictionary
-            (`dictionaries/<name>/`, with the hook metadata).
+            (`dictionaries/<name>/`, with the hook metadata). Under torchrun give it on rank
+            0 only (None elsewhere): rank 0 alone writes.
         device: where to train; None = CUDA when present, else CPU.
         model_name: recorded in the metadata (default: the cached store's model).
         name: the dictionary's name in the run (default e.g. `topk-4096-k32`).
     Returns:
         The trained dictionary (eval mode, working on raw activations) with `metadata` set.
+
+    Under an initialised `torch.distributed` process group (a script started with `torchrun`
+    that called `interplab.dictionaries.distributed.launch`), training is data-parallel: a
+    cached store is split so each rank reads its own rows (`rank_shard`), gradients are
+    averaged, and every rank returns the same dictionary.
     """
     from interplab.data.activations import ActivationStore
     from interplab.models.loading import resolve_device
@@ -202,6 +219,7 @@ def train_dictionary(
         raise InterplabError(f"n_tokens must be a positive integer or None, got {n_tokens!r}.")
     metadata: dict[str, Any] = {}
     if isinstance(data, ActivationStore):
+        data = _this_ranks_part(data)
         hook_name, hook_name_out = _pick_hooks(data, config, hook_name, hook_name_out)
         if n_tokens is None and train_config is None:
             n_tokens = data.n_tokens

@@ -252,6 +252,7 @@ def load_dictionary(
 ) -> Dictionary:
     """Load a dictionary folder in SAELens' layout (`cfg.json` + `sae_weights.safetensors`) or
     sparsify's (`cfg.json` + `sae.safetensors`). `dtype` defaults to the stored one.
+    A folder written by `save_attention_transcoder` loads as an `AttentionTranscoder`.
 
     A SAELens file trained with `normalize_activations="expected_average_only_in"` whose
     scale was not folded into the weights expects pre-scaled inputs; pass that scale as
@@ -263,6 +264,15 @@ def load_dictionary(
     if not folder.is_dir():
         raise InterplabError(f"expected a dictionary folder, got the file {folder}.")
     cfg_file = folder / CFG_FILE
+    if cfg_file.exists() and _is_attention_transcoder(cfg_file):
+        from interplab.dictionaries.attention_transcoder import load_attention_transcoder
+
+        if activation_scale is not None:
+            raise InterplabError(
+                f"{folder} holds an attention transcoder: its files carry no activation "
+                "scale to fold, so activation_scale must be None."
+            )
+        return load_attention_transcoder(folder, device=device, dtype=dtype)  # type: ignore[return-value]
     if (folder / WEIGHTS_FILE).exists():
         weights_file, loader = folder / WEIGHTS_FILE, _load_saelens
     elif (folder / SPARSIFY_WEIGHTS_FILE).exists():
@@ -278,6 +288,14 @@ def load_dictionary(
     tensors = _read_tensors(weights_file)
     dictionary = loader(cfg, tensors, cfg_file, device, dtype, activation_scale)
     return dictionary.eval()
+
+
+def _is_attention_transcoder(cfg_file: Path) -> bool:
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, OSError, UnicodeDecodeError):
+        return False  # the regular path reports the bad file
+    return isinstance(cfg, dict) and cfg.get("architecture") == "attention_transcoder"
 
 
 def _fill(dictionary: Dictionary, tensors: dict[str, Tensor], weights_name: str) -> None:

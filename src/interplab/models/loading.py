@@ -105,6 +105,9 @@ def load_model(
     with _quiet():
         model = _load(spec, dtype=dtype, tokenizer=tokenizer)
         model = model.to(device)
+    from interplab.models.resid_mid import link_resid_mid
+
+    link_resid_mid(model)  # editing hook_resid_mid reaches the skip connection, as in TL
     model.eval()
     return model
 

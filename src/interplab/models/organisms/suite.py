@@ -39,6 +39,8 @@ class OrganismSpec:
     """For fine-tuned organisms: the organism they start from."""
     phenomena: list[str] | None = None
     """Scorecard phenomena (None = all storyworld phenomena)."""
+    mix: dict[str, float] | None = None
+    """Storyworld phenomenon weights (None = `default_mix()`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -140,12 +142,14 @@ def _corpus(spec: OrganismSpec, seed: int) -> Any:
     from interplab.data.corpus.storyworld import StoryworldConfig, StoryworldCorpus
 
     if spec.corpus == "storyworld":
-        return StoryworldCorpus(StoryworldConfig(seed=seed, split="train"))
+        if spec.mix is None:
+            return StoryworldCorpus(StoryworldConfig(seed=seed, split="train"))
+        return StoryworldCorpus(StoryworldConfig(seed=seed, split="train", mix=dict(spec.mix)))
     return PythonSourceCorpus()
 
 
 def train_organism(
-    name: str,
+    name: str | OrganismSpec,
     out: str | Path | None = None,
     *,
     steps: int | None = None,
@@ -157,7 +161,8 @@ def train_organism(
     from interplab.data.corpus import pack
     from interplab.models.train_lm import LMConfig, TrainLMConfig, train_lm
 
-    spec = organism_spec(name)
+    spec = name if isinstance(name, OrganismSpec) else organism_spec(name)
+    name = spec.name
     out_dir = Path(out) if out is not None else ROOT / name
     train_fields = dict(spec.train, seed=spec.seed, device=device, progress=progress)
     if steps is not None:

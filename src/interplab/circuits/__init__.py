@@ -7,6 +7,8 @@
     heads.plot()
     dla = il.circuits.direct_logit_attribution(model, ioi)     # per head / MLP / embed shares
     logits = il.circuits.ablate(model, ioi.clean_tokens, ["L1H3"], "mean", ioi.corrupted_tokens)
+    repair = il.circuits.self_repair(model, ioi)               # direct vs total effect per head
+    repair.plot(); repair.plot_split("L1H2")
 
 Everything is written against TransformerLens hook names, so it runs on any
 `interplab.load_model` model.
@@ -94,8 +96,18 @@ from interplab.circuits.path_patching import (
     path_patch,
     path_patch_tokens,
 )
+from interplab.circuits.self_repair import (
+    SELF_REPAIR_ABLATIONS,
+    SelfRepairAblation,
+    SelfRepairResult,
+    self_repair,
+)
 
 __all__ = [
+    "SELF_REPAIR_ABLATIONS",
+    "SelfRepairAblation",
+    "SelfRepairResult",
+    "self_repair",
     "Circuit",
     "EdgeAttribution",
     "EdgeModel",

@@ -96,6 +96,20 @@ from interplab.circuits.path_patching import (
     path_patch,
     path_patch_tokens,
 )
+from interplab.circuits.roles import (
+    DEFAULT_THRESHOLDS,
+    ROLES,
+    HeadRoles,
+    HeadScores,
+    Role,
+    RoleScores,
+    classify_heads,
+    duplicate_token_attention,
+    head_role_scores,
+    induction_attention,
+    previous_token_attention,
+    repeated_sequences,
+)
 from interplab.circuits.self_repair import (
     SELF_REPAIR_ABLATIONS,
     SelfRepairAblation,
@@ -104,6 +118,18 @@ from interplab.circuits.self_repair import (
 )
 
 __all__ = [
+    "DEFAULT_THRESHOLDS",
+    "ROLES",
+    "HeadRoles",
+    "HeadScores",
+    "Role",
+    "RoleScores",
+    "classify_heads",
+    "duplicate_token_attention",
+    "head_role_scores",
+    "induction_attention",
+    "previous_token_attention",
+    "repeated_sequences",
     "SELF_REPAIR_ABLATIONS",
     "SelfRepairAblation",
     "SelfRepairResult",

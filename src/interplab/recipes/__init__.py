@@ -26,6 +26,8 @@ RECIPES: dict[str, str] = {
     "hierarchy": "interplab.recipes.hierarchy",
     "llc": "interplab.recipes.llc",
     "attention-transcoder": "interplab.recipes.attention_transcoder",
+    "induction": "interplab.recipes.induction",
+    "universality": "interplab.recipes.universality",
 }
 
 

@@ -160,7 +160,7 @@ PHENOMENA: dict[str, tuple[str, dict[str, Any], Callable[..., PhenomenonScore]]]
 }
 
 
-def _word_repeats(model: Any, n: int, seq_len: int, seed: int) -> Tensor | None:
+def word_repeats(model: Any, n: int, seq_len: int, seed: int) -> Tensor | None:
     """[BOS] r r with r drawn uniformly from single-token storyworld words, or None when the
     model's tokenizer does not hold most of them as single tokens."""
     from interplab.data.corpus.storyworld_vocab import INDUCTION_WORDS
@@ -181,7 +181,7 @@ def induction_score(
 ) -> PhenomenonScore:
     """Induction on [BOS] r r: mean loss on the first copy of r minus mean loss on the second
     (nats). The first token of each copy is left out (nothing can predict it)."""
-    tokens = _word_repeats(model, n, seq_len, seed)
+    tokens = word_repeats(model, n, seq_len, seed)
     if tokens is None:
         tokens = repeated_tokens(model, n=n, seq_len=seq_len, seed=seed)
     device = next(model.parameters()).device

@@ -26,6 +26,7 @@ RECIPES: dict[str, str] = {
     "hierarchy": "interplab.recipes.hierarchy",
     "llc": "interplab.recipes.llc",
     "attention-transcoder": "interplab.recipes.attention_transcoder",
+    "ioi": "interplab.recipes.ioi",
     "induction": "interplab.recipes.induction",
     "universality": "interplab.recipes.universality",
 }

@@ -141,6 +141,22 @@ def test_build_lm_is_seeded_and_has_the_requested_shape(architecture):
     assert 48 in widths
 
 
+def test_sinusoidal_position_init_is_a_scaled_vaswani_table():
+    config = LMConfig(n_ctx=32, d_model=16, n_heads=2, vocab_size=50, position_init="sinusoidal")
+    wpe = build_lm(config).transformer.wpe.weight.detach().double()
+    assert wpe.std().item() == pytest.approx(config.init_std, rel=1e-4)
+    p, i = 5, 3  # closed form: entry (p, 2i) = sin(p / 10000^(2i/d)) times the common scale
+    scale = wpe[0, 1].item()  # cos(0) = 1
+    assert wpe[p, 2 * i].item() == pytest.approx(scale * math.sin(p / 10000 ** (2 * i / 16)))
+    # a shift by one position is the same linear map everywhere: pos[t+1] = pos[t] @ R
+    R = torch.linalg.lstsq(wpe[:-1], wpe[1:]).solution
+    assert torch.allclose(wpe[:-1] @ R, wpe[1:], atol=1e-6 * scale)
+    with pytest.raises(InterplabError, match="sinusoidal"):
+        LMConfig(architecture="llama", position_init="sinusoidal")
+    with pytest.raises(InterplabError, match="position_init"):
+        LMConfig(position_init="fourier")
+
+
 @pytest.mark.parametrize("architecture", ["gpt2", "llama"])
 def test_attn_only_model_adds_exactly_zero_from_its_mlps(architecture):
     config = tiny_model(architecture=architecture, attn_only=True)

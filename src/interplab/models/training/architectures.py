@@ -235,6 +235,12 @@ def build_lm(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(hf_config, attn_implementation=attn_implementation)
+    if config.position_init == "sinusoidal":
+        with torch.no_grad():
+            table = sinusoidal_positions(config.n_ctx, config.d_model)
+            model.transformer.wpe.weight.copy_(
+                table * (config.init_std / table.std())
+            )  # GPT-2 only
     if config.attn_only:
         for block in arch.blocks(model):
             _freeze(arch.mlp(block), weight=None)
@@ -245,6 +251,17 @@ def build_lm(
         for norm in arch.norms(model):
             _freeze(norm, weight=NO_NORM_WEIGHT)
     return model
+
+
+def sinusoidal_positions(n_ctx: int, d_model: int) -> Tensor:
+    """[n_ctx, d_model] table of Vaswani et al. 2017: entry (p, 2i) = sin(p / 10000^(2i/d)),
+    (p, 2i+1) = cos(p / 10000^(2i/d))."""
+    position = torch.arange(n_ctx, dtype=torch.float64)[:, None]
+    rate = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64) / d_model)
+    table = torch.zeros(n_ctx, d_model, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * rate)
+    table[:, 1::2] = torch.cos(position * rate)[:, : d_model // 2]
+    return table.float()
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

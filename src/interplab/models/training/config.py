@@ -115,6 +115,12 @@ class LMConfig:
     """RoPE base (theta) for llama."""
     init_std: float = 0.02
     """Standard deviation of the normal initialisation (HF `initializer_range`)."""
+    position_init: Literal["normal", "sinusoidal"] = "normal"
+    """How learned positions start: "normal" (HF's N(0, init_std)) or "sinusoidal" (the
+    table of Vaswani et al. 2017, scaled to the same per-entry std). With sinusoids a shift
+    by one position is a fixed rotation of each frequency pair, so a previous-token head is a
+    linear function of W_Q W_K^T from the start instead of something the positions must
+    first be learned for (learned positions only)."""
 
     def __post_init__(self) -> None:
         owner = "LMConfig"
@@ -152,6 +158,15 @@ class LMConfig:
                 f"architecture={self.architecture!r}: HF {self.architecture} uses {native!r} "
                 f"positions. Use architecture={'llama' if native == 'learned' else 'gpt2'!r} "
                 f"for {self.positional} positions."
+            )
+        if self.position_init not in ("normal", "sinusoidal"):
+            raise unknown(
+                "position_init", str(self.position_init), ("normal", "sinusoidal"), show_all=True
+            )
+        if self.position_init == "sinusoidal" and self.positional != "learned":
+            raise InterplabError(
+                "LMConfig.position_init='sinusoidal' initialises learned positions; "
+                f"positional={self.positional!r} has none."
             )
         if self.positional == "rotary" and self.d_head % 2:
             raise InterplabError(

@@ -19,7 +19,7 @@ from interplab.circuits.graph import Circuit, Graph
 from interplab.data.tasks import TaskDataset
 from interplab.errors import InterplabError
 from interplab.models import ToyConfig
-from tests.conftest import make_hf_model
+from tests.conftest import make_hf_model, make_tokenizer
 
 TOL = 1e-5
 VOCAB = 50
@@ -61,18 +61,29 @@ def models():
         "toy-rms-rotary": toy(normalization="RMS", positional="rotary"),
         "gpt2": il.load_model(make_hf_model("gpt2"), device="cpu"),
         "neox-parallel": il.load_model(make_hf_model("gpt_neox"), device="cpu"),
+        # grouped-query attention: 4 query heads share 2 key/value heads (qwen2: k/v biases)
+        "llama-gqa": il.load_model(
+            make_hf_model("llama"), tokenizer=make_tokenizer(), device="cpu"
+        ),
+        "qwen2-gqa": il.load_model(
+            make_hf_model("qwen2"), tokenizer=make_tokenizer(), device="cpu"
+        ),
     }
 
 
 # ------------------------------------------------------------------ graph structure
-def brute_force_edges(n_layers, n_heads, has_mlp, parallel):
+def brute_force_edges(n_layers, n_heads, has_mlp, parallel, n_kv=None):
     """Edges from the computation order written out node by node."""
     senders_so_far = ["input"]
     edges = []
     for layer in range(n_layers):
         heads = [f"a{layer}.h{h}" for h in range(n_heads)]
-        for port in "qkv":
-            for h in heads:
+        # grouped-query attention: k and v are inputs of the key/value heads 'a{L}.g{G}'
+        kv_heads = heads if n_kv is None else [f"a{layer}.g{g}" for g in range(n_kv)]
+        for h in heads:
+            edges += [(s, f"{h}<q>") for s in senders_so_far]
+        for port in "kv":
+            for h in kv_heads:
                 edges += [(s, f"{h}<{port}>") for s in senders_so_far]
         before_heads = list(senders_so_far)
         senders_so_far += heads
@@ -85,7 +96,16 @@ def brute_force_edges(n_layers, n_heads, has_mlp, parallel):
 
 
 @pytest.mark.parametrize(
-    "shape", [(2, 2, True, False), (3, 4, False, False), (2, 3, True, True), (1, 1, True, False)]
+    "shape",
+    [
+        (2, 2, True, False),
+        (3, 4, False, False),
+        (2, 3, True, True),
+        (1, 1, True, False),
+        (2, 4, True, False, 2),  # grouped-query attention
+        (2, 6, False, True, 1),  # multi-query attention
+        (2, 6, True, True, 3),
+    ],
 )
 def test_edges_match_brute_force_enumeration(shape):
     graph = Graph(*shape)
@@ -95,10 +115,36 @@ def test_edges_match_brute_force_enumeration(shape):
     for name in graph.edges:  # names parse back to their own index
         s, r = graph.edge(name)
         assert f"{graph.senders[s]}->{graph.receivers[r]}" == name
+    # every query head reads its k/v from its group's receivers; the index helpers agree
+    n_layers, n_heads = shape[:2]
+    group = n_heads // (shape[4] if len(shape) > 4 else n_heads)
+    node = "g" if len(shape) > 4 and shape[4] != n_heads else "h"
+    for layer in range(n_layers):
+        for h in range(n_heads):
+            assert graph.receivers[graph.head_receiver(layer, h, "q")] == f"a{layer}.h{h}<q>"
+            for port in "kv":
+                r = graph.head_receiver(layer, h, port)
+                assert graph.receivers[r] == f"a{layer}.{node}{h // group}<{port}>"
+                assert r == graph.kv_receiver(layer, h // group, port)
+                assert graph.head_sender(layer, h) in graph.receiver_senders(r)
+                assert len(graph.receiver_senders(r)) == group
 
 
 def test_graph_from_model_and_bad_input(models):
     assert Graph.from_model(models["gpt2"]) == Graph(2, 4, True, False)
+    assert Graph.from_model(models["llama-gqa"]) == Graph(2, 4, True, False, n_kv_heads=2)
+    assert Graph(2, 4, n_kv_heads=4) == Graph(2, 4)  # one k/v head per query head: plain
+    assert Graph(2, 4, n_kv_heads=4).n_kv_heads is None
+    with pytest.raises(InterplabError, match="n_kv_heads=3 must divide n_heads=4"):
+        Graph(2, 4, n_kv_heads=3)
+    with pytest.raises(InterplabError, match="n_kv_heads must be a positive int"):
+        Graph(2, 4, n_kv_heads=0)
+    with pytest.raises(InterplabError, match="kv_head 2 is out of range"):
+        Graph(2, 4, n_kv_heads=2).kv_receiver(0, 2, "k")
+    with pytest.raises(InterplabError, match="head 4 is out of range"):
+        Graph(2, 4).head_receiver(0, 4, "q")
+    with pytest.raises(InterplabError, match="unknown port 'x'"):
+        Graph(2, 4).head_receiver(0, 0, "x")
     assert Graph.from_model(models["toy-attn-only"]) == Graph(2, 2, False, False)
     assert Graph.from_model(models["neox-parallel"]).parallel_attn_mlp
     with pytest.raises(InterplabError, match="n_layers"):
@@ -149,6 +195,64 @@ def test_from_scores_json_round_trip_and_errors(tmp_path):
         Circuit(graph, torch.zeros(3, 3, dtype=torch.bool))
 
 
+def test_gqa_circuit_json_round_trip_and_versions(tmp_path):
+    graph = Graph(2, 4, True, n_kv_heads=2)
+    scores = torch.randn(
+        graph.n_senders, graph.n_receivers, generator=torch.Generator().manual_seed(2)
+    )
+    circuit = Circuit.from_scores(graph, scores, top_n=9, metadata={"method": "test"})
+    path = circuit.save(tmp_path / "gqa.json")
+    data = json.loads(path.read_text())
+    assert data["graph"]["n_kv_heads"] == 2 and data["version"] == 2
+    loaded = Circuit.load(path)
+    assert loaded.graph == graph and loaded.graph.n_kv_heads == 2
+    assert loaded.edges == circuit.edges and torch.allclose(loaded.scores, circuit.scores)
+    assert any(".g" in name for name in Circuit.full(graph).nodes)
+    # graphs without GQA still write the version-1 file older readers expect
+    plain = Circuit.full(Graph(2, 2, True)).to_dict()
+    assert plain["version"] == 1 and "n_kv_heads" not in plain["graph"]
+    with pytest.raises(InterplabError, match="bad 'graph' entry"):
+        Circuit.from_dict({**data, "graph": {**data["graph"], "n_groups": 2}})
+    with pytest.raises(InterplabError, match="newer than this interplab reads"):
+        Circuit.from_dict({**data, "version": 3})
+
+
+def test_circuit_file_without_n_kv_heads_loads_as_before(tmp_path):
+    """A file as interplab wrote it before GQA support (version 1, no n_kv_heads)."""
+    old = {
+        "format": "interplab.circuit",
+        "version": 1,
+        "graph": {"n_layers": 2, "n_heads": 2, "has_mlp": True, "parallel_attn_mlp": False},
+        "edges": ["input->a0.h1<k>", "a0.h1->m0", "a1.h0->logits"],
+        "metadata": {"method": "eap"},
+        "scores": {"input->a0.h1<k>": 0.5, "a0.h1->m0": -2.0, "a1.h0->logits": 1.0},
+    }
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    loaded = Circuit.load(tmp_path / "old.json")
+    assert loaded.graph == Graph(2, 2, True, False) and loaded.graph.n_kv_heads is None
+    assert set(loaded.edges) == set(old["edges"])
+    assert loaded.score_of("a0.h1->m0") == -2.0
+    assert loaded.metadata == {"method": "eap"}
+    resaved = loaded.to_dict()
+    assert resaved["graph"] == old["graph"] and resaved["version"] == 1
+
+
+def test_draw_gqa_ends_k_and_v_edges_at_group_nodes():
+    graph = Graph(2, 4, True, n_kv_heads=2)
+    circuit = Circuit.from_edges(graph, ["a0.h3->a1.g0<k>", "input->a0.g1<v>", "a1.h1->logits"])
+    assert circuit.nodes == ["input", "a0.g1", "a0.h3", "a1.g0", "a1.h1", "logits"]
+    pos = circuit.layout()
+    # a group node sits below the middle of its query heads
+    assert pos["a1.g0"][0] == pytest.approx((pos["a1.h0"][0] + pos["a1.h1"][0]) / 2)
+    assert pos["a1.g0"][1] < pos["a1.h0"][1]
+    fig = circuit.draw()
+    (lines,) = fig.axes[0].collections[:1]
+    segments = lines.get_segments()
+    assert len(segments) == 3
+    ends = {tuple(seg[-1].round(6)) for seg in segments}
+    assert (round(pos["a1.g0"][0], 6), round(pos["a1.g0"][1] - 0.08, 6)) in ends
+
+
 def test_draw_shows_one_line_per_edge_with_width_by_score():
     graph = Graph(2, 3, True)
     scores = torch.zeros(graph.n_senders, graph.n_receivers)
@@ -167,7 +271,16 @@ def test_draw_shows_one_line_per_edge_with_width_by_score():
 
 # ------------------------------------------------------------------ exact edge patching
 @pytest.mark.parametrize(
-    "name", ["toy-ln-mlp", "toy-attn-only", "toy-rms-rotary", "gpt2", "neox-parallel"]
+    "name",
+    [
+        "toy-ln-mlp",
+        "toy-attn-only",
+        "toy-rms-rotary",
+        "gpt2",
+        "neox-parallel",
+        "llama-gqa",
+        "qwen2-gqa",
+    ],
 )
 def test_full_mask_is_clean_and_empty_mask_is_corrupted(models, name):
     model = models[name]
@@ -258,8 +371,9 @@ def test_empty_mask_with_mean_ablation_reads_the_mean_residual_stream(models):
 
 def test_edge_patching_refuses_bad_input(models):
     task = random_task()
-    with pytest.raises(InterplabError, match="grouped-query"):
-        EdgeModel(il.load_model(make_hf_model("llama"), device="cpu"))
+    # Gemma 2 normalises attention outputs before the residual stream: not a sum of edges
+    with pytest.raises(InterplabError, match="not the sum of its heads"):
+        EdgeModel(il.load_model(make_hf_model("gemma2"), device="cpu"))
     patcher = EdgePatcher(models["toy-attn-only"], task)
     with pytest.raises(InterplabError, match=r"masks must be \[n, sender, receiver\]"):
         patcher.values(torch.ones(2, 3, 4))

@@ -144,9 +144,9 @@ def acdc(
 
 
 def _feeds_anything(graph: Graph, current: Tensor, receiver: int) -> bool:
-    """Whether the node owning `receiver` still has an outgoing edge (logits always do)."""
+    """Whether a node computed from `receiver` still has an outgoing edge (logits always
+    do). A key/value input under grouped-query attention feeds every query head of its
+    group, so it stays live while any of them does."""
     if receiver == graph.logits_receiver:
         return True
-    name = graph.receiver_node(receiver)
-    sender = graph.senders.index(name)
-    return bool(current[sender].any())
+    return any(bool(current[sender].any()) for sender in graph.receiver_senders(receiver))

@@ -179,7 +179,7 @@ def _scores_from_grads(
         if up > lo:
             ports = torch.cat([grads[graph.head_receiver(layer, 0, p)] for p in PORTS], dim=2)
             block = torch.einsum("bpsd,bprd->bsr", delta[:, :, lo:up], ports)
-            out[:, lo:up, first : first + 3 * graph.n_heads] = block
+            out[:, lo:up, first : first + graph.n_attn_receivers] = block
         if graph.has_mlp:
             receiver = graph.mlp_receiver(layer)
             up = min(graph.mlp_upstream(layer), hi)

@@ -13,6 +13,10 @@ untouched (the clean logits), all-zero masks give the corrupted run. Heads read 
 and v inputs separately, so the engine recomputes q/k/v per head from the rebuilt inputs
 (the block's first norm, then W_Q/W_K/W_V; checked against the model's own q/k/v once);
 head outputs are z @ W_O per head. Many masks run in one forward pass as stacked copies.
+Under grouped-query attention the k and v inputs are rebuilt per key/value head (the
+graph's 'a{L}.g{G}<k>' / '<v>' receivers) and handed to the model at `hook_k` / `hook_v`,
+which hold one entry per key/value head; the model itself then shares each with the query
+heads of its group, exactly as in an unpatched run.
 
 The same hooks can put zero "probe" tensors at every receiver input, so one backward pass
 gives d metric / d x_v for every receiver at once (what EAP needs).
@@ -48,31 +52,25 @@ class GraphRun:
     """Raw activations at the hook names asked for with `keep` (detached)."""
     probes: dict[int, Tensor]
     """Zero tensors added to receiver inputs, keyed by the first receiver index of each
-    group (a layer's q, k or v ports [rows, pos, head, d_model], an MLP [rows, pos, d_model],
-    logits [rows, d_model] or [rows, pos, d_model]); their gradients are d metric / d x_v."""
+    group (a layer's q, k or v ports [rows, pos, head, d_model], head counting query heads
+    for q and key/value heads for k and v; an MLP [rows, pos, d_model]; logits [rows,
+    d_model] or [rows, pos, d_model]); their gradients are d metric / d x_v."""
 
 
 class EdgeModel:
     """A hooked model run as its edge graph (see module docstring).
 
     Hook points used (TransformerLens names): `blocks.L.hook_resid_pre` (the input sender;
-    the residual stream heads read), `blocks.L.attn.hook_q/k/v` (rebuilt per head),
-    `blocks.L.attn.hook_z` (head outputs z @ W_O), `blocks.L.hook_mlp_in` /
-    `blocks.L.hook_mlp_out`, and `ln_final.hook_in` (the logits receiver).
+    the residual stream heads read), `blocks.L.attn.hook_q/k/v` (rebuilt per query head /
+    per key/value head), `blocks.L.attn.hook_z` (head outputs z @ W_O),
+    `blocks.L.hook_mlp_in` / `blocks.L.hook_mlp_out`, and `ln_final.hook_in` (the logits
+    receiver).
     """
 
     def __init__(self, model: Any, graph: Graph | None = None) -> None:
         from interplab.models.accessor import weights
         from interplab.models.hooks import check_hook_names
 
-        cfg = model.cfg
-        n_kv = getattr(cfg, "n_key_value_heads", None)
-        if n_kv is not None and int(n_kv) != int(cfg.n_heads):
-            raise InterplabError(
-                f"edge-level graphs need one key/value head per query head; this model has "
-                f"{n_kv} key/value heads for {cfg.n_heads} query heads (grouped-query "
-                "attention), whose k/v inputs cannot be rebuilt per query head."
-            )
         self.model = model
         self.graph = graph or Graph.from_model(model)
         if self.graph != Graph.from_model(model):
@@ -88,8 +86,21 @@ class EdgeModel:
                 names += [f"blocks.{layer}.hook_mlp_in", f"blocks.{layer}.hook_mlp_out"]
         check_hook_names(model, names)  # also switches on hook_mlp_in
         w = weights(model)
-        self.W = {"q": w.W_Q, "k": w.W_K, "v": w.W_V}  # [layer, head, d_model, d_head]
-        self.b = {"q": w.b_Q, "k": w.b_K, "v": w.b_V}  # [layer, head, d_head]
+        # The accessor repeats K/V weights per query head for GQA models (query head h reads
+        # key/value head h // group; biases the model lacks are zeros of that expanded
+        # shape), but the graph's k/v receivers and the model's hook_k/hook_v are per
+        # key/value head: keep one entry per key/value head.
+        n_kv = g.n_kv
+        self.W = {  # q: [layer, head, d_model, d_head]; k, v: [layer, kv_head, d_model, d_head]
+            "q": w.W_Q,
+            "k": _per_kv_head(w.W_K, n_kv),
+            "v": _per_kv_head(w.W_V, n_kv),
+        }
+        self.b = {  # [layer, head or kv_head, d_head]
+            "q": w.b_Q,
+            "k": _per_kv_head(w.b_K, n_kv),
+            "v": _per_kv_head(w.b_V, n_kv),
+        }
         self.W_O = w.W_O  # [layer, head, d_head, d_model]
         self.b_O0 = w.b_O[0]
         self.ln1 = [_norm_fn(block) for block in model.blocks]
@@ -101,7 +112,8 @@ class EdgeModel:
 
     def _check_rebuild(self) -> None:
         """The graph's assumptions, checked on one short prompt: the per-head q/k/v rebuild
-        (first norm, then W_Q/W_K/W_V) reproduces the model's own q/k/v, the attention output
+        (first norm, then W_Q/W_K/W_V; k and v per key/value head under grouped-query
+        attention) reproduces the model's own q/k/v, the attention output
         is sum_h z_h @ W_O[h] + b_O, and the block adds its attention and MLP outputs to the
         residual stream unchanged. Each fails for architectures the graph cannot describe
         (extra steps before the projections, post-attention norms, ...)."""
@@ -125,7 +137,15 @@ class EdgeModel:
         what = type(self.model.blocks[0].attn).__name__
         for port in PORTS:
             rebuilt = torch.einsum("bpd,hde->bphe", normed, self.W[port][0]) + self.b[port][0]
-            if not _close(rebuilt, seen[f"blocks.0.attn.hook_{port}"]):
+            actual = seen[f"blocks.0.attn.hook_{port}"]
+            if actual.ndim != 4 or actual.shape[2] != self.graph.port_heads(port):
+                raise InterplabError(
+                    f"this model's blocks.0.attn.hook_{port} has shape {tuple(actual.shape)}; "
+                    f"edge-level graphs expect [batch, pos, {self.graph.port_heads(port)}, "
+                    f"d_head] (one entry per {'query' if port == 'q' else 'key/value'} head) "
+                    f"({what})."
+                )
+            if not _close(rebuilt, actual):
                 raise InterplabError(
                     f"cannot rebuild this model's per-head {port} inputs from the residual "
                     f"stream (first norm, then W_{port.upper()}): edge-level graphs do not "
@@ -206,6 +226,14 @@ class EdgeModel:
             out = self.run(tokens, record=True).outputs
         assert out is not None
         return out
+
+
+def _per_kv_head(w: Tensor, n_kv: int) -> Tensor:
+    """K/V weights [layer, head, ...] (repeated per query head, as the accessor gives them
+    for GQA models) or [layer, kv_head, ...] -> [layer, kv_head, ...]. Query head h reads
+    key/value head h // group, so the repeated copies are every group-th entry."""
+    assert w.shape[1] % n_kv == 0, (tuple(w.shape), n_kv)  # Graph checked n_heads % n_kv
+    return w[:, :: w.shape[1] // n_kv]
 
 
 def _close(a: Tensor, b: Tensor) -> bool:
@@ -327,7 +355,8 @@ class _RunState:
     def _on_qkv(self, layer: int, port: str) -> Callable:
         g = self.g
         first = g.head_receiver(layer, 0, port)
-        receivers = slice(first, first + g.n_heads)
+        heads = g.port_heads(port)  # query heads for q; key/value heads for k and v
+        receivers = slice(first, first + heads)
         upstream = g.attn_upstream(layer)
 
         def fn(x: Tensor, hook: Any) -> Tensor:
@@ -340,15 +369,15 @@ class _RunState:
                 shaped = resid.reshape(self.n, 1, self.batch, self.pos, -1)
                 inputs = shaped - self._removed(off, upstream)
                 if self.use_probes:  # probes keep the [rows, pos, head, d] layout
-                    probe = self._probe(first, resid[:, :, None].expand(-1, -1, g.n_heads, -1))
+                    probe = self._probe(first, resid[:, :, None].expand(-1, -1, heads, -1))
                     inputs = inputs + probe.reshape(
-                        self.n, self.batch, self.pos, g.n_heads, -1
+                        self.n, self.batch, self.pos, heads, -1
                     ).permute(0, 3, 1, 2, 4)
                 normed = self.em.ln1[layer](inputs)
                 out = torch.einsum("nhbpd,hde->nbphe", normed, self.em.W[port][layer])
-                out = out.reshape(self.rows, self.pos, g.n_heads, -1)
+                out = out.reshape(self.rows, self.pos, heads, -1)
             else:
-                inputs = resid[:, :, None, :].expand(-1, -1, g.n_heads, -1)
+                inputs = resid[:, :, None, :].expand(-1, -1, heads, -1)
                 if self.use_probes:
                     inputs = inputs + self._probe(first, inputs)
                 normed = self.em.ln1[layer](inputs)

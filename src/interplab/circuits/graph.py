@@ -14,6 +14,16 @@ into direct edges from each writer to each later reader:
                                 q/k/v; an MLP also reads its own layer's heads (not in
                                 parallel-attention blocks); logits read every sender.
 
+Grouped-query attention (GQA: Llama 2/3, Mistral, Qwen2, ...; `n_kv_heads` < `n_heads`):
+the `n_heads // n_kv_heads` query heads of a group share one key/value head, so the key and
+value inputs are ports of the key/value head, not of each query head. Their receivers are
+named by group: 'a{L}.g{G}<k>' / 'a{L}.g{G}<v>' is the key / value input of layer L's
+key/value head G, which query heads G * group .. (G + 1) * group - 1 read (group =
+n_heads // n_kv_heads). Query inputs keep the per-head names 'a{L}.h{H}<q>', and senders
+are unchanged (each query head writes its own z @ W_O). The 'g' names make a GQA edge
+'a0.h1->a1.g0<k>' impossible to misread as the key of query head 0. Models with one
+key/value head per query head (n_kv_heads None or == n_heads) keep the per-head names.
+
 A `Circuit` is a set of edges (with optional scores); it saves to / loads from JSON and
 draws itself as a layered graph. Running a model with only some edges is exact edge
 patching (`interplab.circuits.edge_patching`).
@@ -42,7 +52,10 @@ PortKind = Literal["q", "k", "v"]
 PORTS: tuple[str, ...] = get_args(PortKind)
 NodeKind = Literal["input", "head", "mlp", "logits"]
 FORMAT = "interplab.circuit"
-VERSION = 1
+VERSION = 2
+"""Newest circuit-file version this module reads. Version 2 adds `graph.n_kv_heads`
+(grouped-query attention); files of graphs without it are still written as version 1, so
+older readers keep reading them."""
 
 
 # ------------------------------------------------------------------ the graph
@@ -51,9 +64,11 @@ class Graph:
     """The edge graph of a model with `n_layers` blocks of `n_heads` heads (+ an MLP each).
 
     Indexing (used by every [sender, receiver] tensor): senders are ordered input, then per
-    layer its heads and its MLP; receivers are ordered per layer: the q inputs of its heads,
-    their k inputs, their v inputs, the MLP input; then logits. Sender s feeds receiver r
-    exactly when s < n_upstream[r] (every receiver reads a prefix of the senders).
+    layer its heads and its MLP; receivers are ordered per layer: the q inputs of its
+    `n_heads` query heads, the k inputs of its `n_kv` key/value heads, their v inputs, the
+    MLP input; then logits (`n_kv` = n_heads unless the model uses grouped-query attention).
+    Sender s feeds receiver r exactly when s < n_upstream[r] (every receiver reads a prefix
+    of the senders).
     """
 
     n_layers: int
@@ -65,32 +80,75 @@ class Graph:
     parallel_attn_mlp: bool = False
     """Blocks where attention and MLP both read the block input (GPT-J, GPT-NeoX): an MLP
     then does not read its own layer's heads."""
+    n_kv_heads: int | None = None
+    """Key/value heads per block under grouped-query attention (must divide `n_heads`);
+    None = one per query head. A value equal to `n_heads` is stored as None, so the two
+    spellings give equal graphs."""
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_heads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise InterplabError(f"Graph.{name} must be a positive int, got {value!r}.")
+        n_kv = self.n_kv_heads
+        if n_kv is not None:
+            if isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv <= 0:
+                raise InterplabError(
+                    f"Graph.n_kv_heads must be a positive int or None, got {n_kv!r}."
+                )
+            if self.n_heads % n_kv:
+                raise InterplabError(
+                    f"Graph.n_kv_heads={n_kv} must divide n_heads={self.n_heads} (each "
+                    "key/value head serves an equal group of query heads)."
+                )
+            if n_kv == self.n_heads:
+                object.__setattr__(self, "n_kv_heads", None)
 
     @classmethod
     def from_model(cls, model: Any) -> Graph:
-        """The graph of a hooked model (TransformerBridge)."""
+        """The graph of a hooked model (TransformerBridge); reads `cfg.n_key_value_heads`
+        for grouped-query attention."""
         cfg = model.cfg
+        n_kv = getattr(cfg, "n_key_value_heads", None)
         return cls(
             n_layers=int(cfg.n_layers),
             n_heads=int(cfg.n_heads),
             has_mlp=not bool(getattr(cfg, "attn_only", False)),
             parallel_attn_mlp=bool(getattr(cfg, "parallel_attn_mlp", False)),
+            n_kv_heads=None if n_kv is None else int(n_kv),
         )
 
     # --- sizes and indices -----------------------------------------------------------
+    @property
+    def n_kv(self) -> int:
+        """Key/value heads per block (`n_heads` without grouped-query attention)."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv
+
+    def port_heads(self, port: str) -> int:
+        """How many receivers of a layer read port `port`: n_heads for q, n_kv for k and v."""
+        _check_port(port)
+        return self.n_heads if port == "q" else self.n_kv
+
+    @property
+    def n_attn_receivers(self) -> int:
+        """Attention receivers per layer: n_heads q ports + n_kv k ports + n_kv v ports."""
+        return self.n_heads + 2 * self.n_kv
+
     @property
     def _group(self) -> int:
         return self.n_heads + int(self.has_mlp)
 
     @property
     def _per_layer(self) -> int:
-        return 3 * self.n_heads + int(self.has_mlp)
+        return self.n_attn_receivers + int(self.has_mlp)
+
+    def _port_offset(self, port: str) -> int:
+        return {"q": 0, "k": self.n_heads, "v": self.n_heads + self.n_kv}[port]
 
     @property
     def n_senders(self) -> int:
@@ -107,10 +165,26 @@ class Graph:
         return 1 + layer * self._group + self.n_heads
 
     def head_receiver(self, layer: int, head: int, port: str) -> int:
-        return layer * self._per_layer + PORTS.index(port) * self.n_heads + head
+        """The receiver query head `head` reads its `port` input from. Under grouped-query
+        attention the k and v receivers are those of its key/value head `head // group_size`
+        (shared with the other heads of the group); see `kv_receiver` to index them by
+        key/value head."""
+        _check_port(port)
+        _check_index("head", head, self.n_heads)
+        if port == "q":
+            return layer * self._per_layer + head
+        return self.kv_receiver(layer, head // self.group_size, port)
+
+    def kv_receiver(self, layer: int, kv_head: int, port: str) -> int:
+        """The `port` ('k' or 'v') receiver of key/value head `kv_head` (= the query head
+        without grouped-query attention)."""
+        if port not in ("k", "v"):
+            raise InterplabError(f"kv_receiver port must be 'k' or 'v', got {port!r}.")
+        _check_index("kv_head", kv_head, self.n_kv)
+        return layer * self._per_layer + self._port_offset(port) + kv_head
 
     def mlp_receiver(self, layer: int) -> int:
-        return layer * self._per_layer + 3 * self.n_heads
+        return layer * self._per_layer + self.n_attn_receivers
 
     @property
     def logits_receiver(self) -> int:
@@ -134,13 +208,33 @@ class Graph:
                 names.append(f"m{layer}")
         return names
 
+    def kv_name(self, layer: int, kv_head: int) -> str:
+        """Node name of a key/value head: 'a{L}.g{G}' under grouped-query attention, else
+        the query head's own name 'a{L}.h{G}'."""
+        return f"a{layer}.{'h' if self.n_kv_heads is None else 'g'}{kv_head}"
+
     @cached_property
     def receivers(self) -> list[str]:
         """Receiver (port) names in index order."""
         names = []
         for layer in range(self.n_layers):
-            for port in PORTS:
-                names += [f"a{layer}.h{h}<{port}>" for h in range(self.n_heads)]
+            names += [f"a{layer}.h{h}<q>" for h in range(self.n_heads)]
+            for port in ("k", "v"):
+                names += [f"{self.kv_name(layer, g)}<{port}>" for g in range(self.n_kv)]
+            if self.has_mlp:
+                names.append(f"m{layer}")
+        return [*names, "logits"]
+
+    @cached_property
+    def nodes(self) -> list[str]:
+        """Every node name in computation order: input, per layer its key/value head nodes
+        (grouped-query attention only: their k and v are computed before the query heads
+        that share them), its heads and its MLP; logits last."""
+        names = ["input"]
+        for layer in range(self.n_layers):
+            if self.n_kv_heads is not None:
+                names += [self.kv_name(layer, g) for g in range(self.n_kv)]
+            names += [f"a{layer}.h{h}" for h in range(self.n_heads)]
             if self.has_mlp:
                 names.append(f"m{layer}")
         return [*names, "logits"]
@@ -150,7 +244,7 @@ class Graph:
         """How many senders (a prefix of `senders`) each receiver reads."""
         counts = []
         for layer in range(self.n_layers):
-            counts += [self.attn_upstream(layer)] * (3 * self.n_heads)
+            counts += [self.attn_upstream(layer)] * self.n_attn_receivers
             if self.has_mlp:
                 counts.append(self.mlp_upstream(layer))
         return torch.tensor([*counts, self.n_senders])
@@ -198,20 +292,49 @@ class Graph:
         return s, r
 
     def receiver_node(self, receiver: int) -> str:
-        """The node a receiver belongs to: 'a1.h0<q>' -> 'a1.h0'."""
+        """The node a receiver belongs to: 'a1.h0<q>' -> 'a1.h0' (a key/value group's
+        'a1.g0<k>' -> 'a1.g0' under grouped-query attention)."""
         return re.sub(r"<[qkv]>$", "", self.receivers[receiver])
 
+    def receiver_senders(self, receiver: int) -> list[int]:
+        """The senders whose output is computed from `receiver`'s input: the head itself for
+        a q port (and k/v ports without GQA), every query head of the group for a GQA k/v
+        port, the MLP for an MLP input, none for logits."""
+        if receiver == self.logits_receiver:
+            return []
+        layer, slot = divmod(receiver, self._per_layer)
+        if slot == self.n_attn_receivers:
+            return [self.mlp_sender(layer)]
+        if slot < self.n_heads:
+            return [self.head_sender(layer, slot)]
+        kv_head = (slot - self.n_heads) % self.n_kv
+        heads = range(kv_head * self.group_size, (kv_head + 1) * self.group_size)
+        return [self.head_sender(layer, h) for h in heads]
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data: dict[str, Any] = {
             "n_layers": self.n_layers,
             "n_heads": self.n_heads,
             "has_mlp": self.has_mlp,
             "parallel_attn_mlp": self.parallel_attn_mlp,
         }
+        if self.n_kv_heads is not None:  # only GQA graphs carry it: older files stay valid
+            data["n_kv_heads"] = self.n_kv_heads
+        return data
 
     def full_mask(self) -> Float[Tensor, "sender receiver"]:
         """Every edge on (the clean model)."""
         return self.valid.float()
+
+
+def _check_port(port: str) -> None:
+    if port not in PORTS:
+        raise InterplabError(f"unknown port {port!r}; expected one of {', '.join(PORTS)}.")
+
+
+def _check_index(what: str, value: int, size: int) -> None:
+    if not 0 <= value < size:
+        raise InterplabError(f"{what} {value!r} is out of range; expected 0 <= {what} < {size}.")
 
 
 # ------------------------------------------------------------------ circuits
@@ -314,8 +437,7 @@ class Circuit:
         for s, r in self.in_circuit.nonzero().tolist():
             used.add(self.graph.senders[s])
             used.add(self.graph.receiver_node(r))
-        order = [*self.graph.senders, "logits"]
-        return [n for n in order if n in used]
+        return [n for n in self.graph.nodes if n in used]
 
     def mask(self) -> Float[Tensor, "sender receiver"]:
         """The circuit as an edge mask for exact edge patching (1 = kept)."""
@@ -358,7 +480,8 @@ class Circuit:
         score."""
         data: dict[str, Any] = {
             "format": FORMAT,
-            "version": VERSION,
+            # version 1 readers read everything but GQA graphs: keep writing 1 for those
+            "version": VERSION if self.graph.n_kv_heads is not None else 1,
             "graph": self.graph.to_dict(),
             "edges": self.edges,
             "metadata": self.metadata,
@@ -380,7 +503,14 @@ class Circuit:
                 f"circuit file version {data.get('version')} is newer than this interplab "
                 f"reads ({VERSION}); upgrade interplab."
             )
-        graph = Graph(**data["graph"])
+        fields = data.get("graph")
+        known = {"n_layers", "n_heads", "has_mlp", "parallel_attn_mlp", "n_kv_heads"}
+        if not isinstance(fields, dict) or not set(fields) <= known:
+            raise InterplabError(
+                f"circuit file has a bad 'graph' entry {fields!r}; expected an object with "
+                f"keys among {sorted(known)}."
+            )
+        graph = Graph(**fields)
         circuit = cls.from_edges(graph, data.get("edges", []))
         if "scores" in data:
             scores = torch.zeros(graph.n_senders, graph.n_receivers)
@@ -421,7 +551,8 @@ class Circuit:
     # --- drawing -------------------------------------------------------------------------
     def layout(self) -> dict[str, tuple[float, float]]:
         """(x, y) of every node: input at the bottom, then per layer a row of heads and a
-        row for the MLP, logits on top."""
+        row for the MLP, logits on top. Under grouped-query attention each key/value group
+        node sits just below the middle of its query heads."""
         g = self.graph
         pos: dict[str, tuple[float, float]] = {"input": (0.0, 0.0)}
         rows_per_layer = 2 if g.has_mlp else 1
@@ -430,6 +561,11 @@ class Circuit:
             y = 1.0 + rows_per_layer * layer
             for h in range(g.n_heads):
                 pos[f"a{layer}.h{h}"] = (h / width * 2 - 1 if g.n_heads > 1 else 0.0, y)
+            if g.n_kv_heads is not None:
+                for kv in range(g.n_kv):
+                    heads = range(kv * g.group_size, (kv + 1) * g.group_size)
+                    x = sum(pos[f"a{layer}.h{h}"][0] for h in heads) / g.group_size
+                    pos[g.kv_name(layer, kv)] = (x, y - 0.45)
             if g.has_mlp:
                 pos[f"m{layer}"] = (0.0, y + 1)
         pos["logits"] = (0.0, 1.0 + rows_per_layer * g.n_layers)
@@ -478,8 +614,10 @@ class Circuit:
             receiver = g.receivers[r]
             port = receiver[-2] if receiver.endswith(">") else "mlp"
             start = pos[g.senders[s]]
-            end = pos[g.receiver_node(r)]
-            end = (end[0] + offsets.get(port, 0.0), end[1] - 0.08)
+            node = g.receiver_node(r)
+            end = pos[node]
+            shift = offsets.get(port, 0.0) * (0.5 if ".g" in node else 1.0)  # small group nodes
+            end = (end[0] + shift, end[1] - 0.08)
             segments.append(_curve(start, end, bend=-1.0 if r % 2 else 1.0))
             value = float(values[i])
             widths.append(0.4 + 3.6 * abs(value) / (top or 1.0))
@@ -491,6 +629,15 @@ class Circuit:
             )
             ax.add_collection(lines)
         used = set(self.nodes)
+        if g.n_kv_heads is not None:  # tie each key/value group to the query heads it serves
+            for layer in range(g.n_layers):
+                for kv in range(g.n_kv):
+                    name = g.kv_name(layer, kv)
+                    if not all_nodes and name not in used:
+                        continue
+                    for h in range(kv * g.group_size, (kv + 1) * g.group_size):
+                        (x0, y0), (x1, y1) = pos[name], pos[f"a{layer}.h{h}"]
+                        ax.plot([x0, x1], [y0, y1], color="0.75", lw=0.6, ls=":", zorder=2)
         for name, (x, y) in pos.items():
             active = name in used
             if not active and not all_nodes:
@@ -498,7 +645,7 @@ class Circuit:
             ax.scatter(
                 [x],
                 [y],
-                s=420,
+                s=420 if ".g" not in name else 200,
                 zorder=3,
                 c="white" if not active else ("#ffe9b3" if name[0] == "a" else "#d6e4ff"),
                 edgecolors="0.2" if active else "0.8",
@@ -509,7 +656,7 @@ class Circuit:
                 name,
                 ha="center",
                 va="center",
-                fontsize=7,
+                fontsize=7 if ".g" not in name else 5,
                 zorder=4,
                 color="0.1" if active else "0.6",
             )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from interplab.errors import unknown
+from interplab.errors import InterplabError, unknown
 
 ROOT = Path(__file__).parent
 
@@ -41,6 +41,9 @@ class OrganismSpec:
     """Scorecard phenomena (None = all storyworld phenomena)."""
     mix: dict[str, float] | None = None
     """Storyworld phenomenon weights (None = `default_mix()`)."""
+    repeat_windows: float = 0.0
+    """Fraction of training windows replaced by chains of repeated random words
+    (`repeat_windows`); 0 = plain storyworld."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -188,6 +191,12 @@ def train_organism(
         )
         train_ids, eval_ids = train.ids, held.ids
         corpus_id, corpus_hash = train.corpus_id, train.content_hash
+        if spec.repeat_windows > 0:
+            from interplab.data.corpus import tokens_hash
+
+            train_ids = repeat_windows(train_ids, tokenizer, spec.repeat_windows, spec.seed)
+            corpus_id = f"{corpus_id}+repeats{spec.repeat_windows:g}"
+            corpus_hash = tokens_hash(train_ids)
     data_seconds = time.perf_counter() - start
 
     card_extra = {
@@ -229,6 +238,42 @@ def train_organism(
     )
     write_scorecard(out_dir, name, spec.phenomena)
     return result.out_dir
+
+
+def repeat_windows(ids: Any, tokenizer: Any, fraction: float, seed: int) -> Any:
+    """`ids` with a seeded `fraction` of its windows replaced by [BOS] r1 r1 r2 r2 ...: spans
+    r of 4 to (width - 1) // 2 words drawn uniformly from the single-token induction words,
+    each followed by its copy (cut at the window's end).
+
+    For experiments on when induction forms: on windows made only of such chains a 2-layer
+    GPT-2 (d_model 128) learns induction within ~300 steps, while in plain storyworld
+    (about 5% of tokens are predictable second copies) storyworld-2l had not after 3,000
+    steps; replacing 20% of the windows by chains (with tied embeddings) did not change that
+    within 1,500 steps. No bundled organism uses it yet.
+    """
+    import numpy as np
+    import torch
+
+    from interplab.data.corpus.storyworld_vocab import INDUCTION_WORDS
+
+    if not 0 < fraction < 1:
+        raise InterplabError(f"repeat_windows must be in (0, 1), got {fraction!r}.")
+    pool = []
+    for word in INDUCTION_WORDS:
+        token = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(token) == 1:
+            pool.append(token[0])
+    out = torch.as_tensor(np.asarray(ids)).clone()
+    n, width = out.shape
+    rng = np.random.default_rng([seed, 7_777])
+    chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
+    for row in chosen:
+        tokens = [int(out[row, 0])]  # keep the window's BOS
+        while len(tokens) < width:
+            span = list(rng.choice(pool, size=int(rng.integers(4, (width - 1) // 2 + 1))))
+            tokens += span + span
+        out[row] = torch.tensor(tokens[:width])
+    return out
 
 
 def _max_windows(spec: OrganismSpec, tokenizer: Any, n_ctx: int) -> int:

@@ -106,8 +106,9 @@ def _transpose_times(
 ) -> Tensor:
     """S^T @ dense for the row-sorted sparse [n_rows, n_cols] matrix S: [n_cols, d].
 
-    S is built as CSR straight from the row offsets; its transpose is a CSC view of the same
-    buffers, so no sort by column is needed here.
+    S is built as CSR straight from the row offsets and multiplied through its transpose (a
+    CSC view of the same buffers). On CPU PyTorch converts that view back to CSR, sorting the
+    entries by column on every call; a column order shared per SparseCode would avoid it.
     """
     crow = torch.cat([offsets, offsets.new_tensor([cols.shape[0]])])
     matrix = torch.sparse_csr_tensor(crow, cols, values.to(dense.dtype), size=(n_rows, n_cols))

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from interplab.errors import InterplabError
+from interplab.recipes._plots import annotate_heads
 
 DESCRIPTION = (
     "Tour of interplab on a bundled organism: scorecard, predictions, attention, IOI head "
@@ -386,20 +387,7 @@ def _head_grid_figure(grid: Any, by_role: dict[str, tuple[Any, Any]]) -> Any:
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
         ax.set_xlabel("head")
-        if n_layers * n_heads <= 64:
-            for layer in range(n_layers):
-                for head in range(n_heads):
-                    v = float(values[layer, head])
-                    colour = "white" if abs(v) > 0.6 * span else "black"
-                    ax.text(
-                        head,
-                        layer,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6.5,
-                        color=colour,
-                    )
+        annotate_heads(ax, values, span)
     axes[0][0].set_ylabel("layer")
     fig.colorbar(image, ax=list(axes[0]), shrink=0.9, label="recovered")
     return fig

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from interplab.errors import InterplabError
+from interplab.recipes._plots import annotate_heads
 
 DESCRIPTION = (
     "IOI circuit (Wang et al. 2022) on an organism: DLA, head patching, name movers, "
@@ -544,20 +545,7 @@ def _grid_figure(panels: list[tuple[str, Any]], label: str, shared: bool = True)
         ax.set_xticks(range(n_heads))
         ax.set_yticks(range(n_layers))
         ax.set_xlabel("head")
-        if n_layers * n_heads <= 64:
-            for layer in range(n_layers):
-                for head in range(n_heads):
-                    v = float(grid[layer, head])
-                    colour = "white" if abs(v) > 0.6 * span else "black"
-                    ax.text(
-                        head,
-                        layer,
-                        f"{v:.2f}",
-                        ha="center",
-                        va="center",
-                        fontsize=6.5,
-                        color=colour,
-                    )
+        annotate_heads(ax, grid, span)
     axes[0][0].set_ylabel("layer")
     if shared:
         fig.colorbar(image, ax=list(axes[0]), shrink=0.9, label=label)

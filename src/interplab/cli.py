@@ -125,11 +125,16 @@ def scorecard_command(
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N.")] = None,
 ) -> None:
-    """Score MODEL on every storyworld phenomenon, on held-out phrasings."""
+    """Score MODEL on every storyworld phenomenon (a bundled organism: on those of its card),
+    on held-out phrasings."""
     import interplab as il
     from interplab.data.tasks.scorecard import scorecard
+    from interplab.models.organisms import organism_card, organism_names
     from interplab.runs import atomic_write_json
 
+    if not phenomenon and model in organism_names():
+        rows = organism_card(model).data.get("scorecard", {}).get("rows", [])
+        phenomenon = [row["phenomenon"] for row in rows] or None
     card = scorecard(
         il.load_model(model, device=device), phenomenon or None, n=n, seed=seed, name=model
     )

@@ -28,10 +28,29 @@ def tok(raw_tokenizer):
     return to_hf_tokenizer(raw_tokenizer)
 
 
+CODE_TASKS = ("code_brackets", "code_quotes")
+CODE = [
+    "def f(self, x):\n    return d['key'] + g(x, [1, 2], {3: 4}) + e[\"a\"]\n",
+    "    if x == 'a':\n        y = (x, [x]) or {x} or \"b\"\n",
+]
+
+
 @pytest.fixture(scope="module")
-def datasets(tok):
+def code_tok():
+    spaced = [" (", " [", " {", " '", ' "']
+    return to_hf_tokenizer(build_tokenizer(CODE * 20, 400, required=spaced))
+
+
+@pytest.fixture(scope="module")
+def toks(tok, code_tok):
+    """Task name -> the tokenizer it is built with (code tasks need a code tokenizer)."""
+    return {name: code_tok if name in CODE_TASKS else tok for name in TASKS}
+
+
+@pytest.fixture(scope="module")
+def datasets(toks):
     return {
-        (name, split): fn(tok, n=N, seed=0, split=split)
+        (name, split): fn(toks[name], n=N, seed=0, split=split)
         for name, fn in TASKS.items()
         for split in ("train", "heldout")
     }
@@ -43,7 +62,8 @@ def decode(tok, ids) -> str:
 
 @pytest.mark.parametrize("split", ["train", "heldout"])
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_prompts_align_and_decode(name, split, datasets, tok):
+def test_prompts_align_and_decode(name, split, datasets, toks):
+    tok = toks[name]
     ds = datasets[(name, split)]
     assert isinstance(ds, TaskDataset) and len(ds) == N and ds.name == name
     assert ds.clean_tokens.shape == ds.corrupted_tokens.shape
@@ -63,7 +83,8 @@ def test_prompts_align_and_decode(name, split, datasets, tok):
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
-def test_seeded_and_deterministic(name, tok, datasets):
+def test_seeded_and_deterministic(name, toks, datasets):
+    tok = toks[name]
     again = TASKS[name](tok, n=N, seed=0, split="heldout")
     assert again.prompts == datasets[(name, "heldout")].prompts
     assert torch.equal(again.clean_tokens, datasets[(name, "heldout")].clean_tokens)
@@ -162,6 +183,57 @@ def test_brackets_answer_closes_the_innermost_bracket(datasets, tok):
     deep = tasks.brackets(tok, n=N, depth=3, kinds=["paren", "quote"])
     for meta in deep.metadata:
         assert meta["kinds"].count("quote") <= 1
+
+
+def test_code_brackets_answer_closes_the_innermost_bracket(datasets, code_tok):
+    closer_of = {"(": ")", "[": "]", "{": "}"}
+    for split in ("train", "heldout"):
+        ds = datasets[("code_brackets", split)]
+        for i in range(N):
+            prompt, corrupted = ds.prompts[i], ds.corrupted_prompts[i]
+            stack = []  # the open brackets of the scored line, by parsing it
+            for char in prompt.split("\n")[-1]:
+                if char in closer_of:
+                    stack.append(char)
+            assert len(stack) == 2 and decode(code_tok, [ds.answers[i]]) == closer_of[stack[-1]]
+            wrong = {decode(code_tok, [w]) for w in ds.wrong_answers[i]}
+            assert wrong == set(closer_of.values()) - {closer_of[stack[-1]]}
+            # only the innermost opener changes, and the answer changes with it
+            diff = [j for j, (a, b) in enumerate(zip(prompt, corrupted, strict=True)) if a != b]
+            assert len(diff) == 1 and prompt[diff[0]] == stack[-1]
+            assert corrupted[diff[0]] in closer_of and corrupted[diff[0]] != stack[-1]
+            # each opener sits at the position the metadata claims
+            for k, pos in zip(ds.metadata[i]["kinds"], ds.metadata[i]["open_pos"], strict=True):
+                opener = {"paren": "(", "square": "[", "curly": "{"}[k]
+                assert decode(code_tok, [ds.clean_tokens[i, pos]]).strip() == opener
+            # the line is valid Python once its brackets are closed
+            line = prompt.split("\n")[-1].strip()
+            closing = "".join(closer_of[c] for c in reversed(stack))
+            compile(f"def _():\n    {line}{closing}\n", "<task>", "exec")
+    deep = tasks.code_brackets(code_tok, n=N, depth=4)
+    assert all(len(meta["kinds"]) == 4 for meta in deep.metadata)
+    with pytest.raises(InterplabError, match="depth must be an int in"):
+        tasks.code_brackets(code_tok, depth=0)
+
+
+def test_code_quotes_answer_repeats_the_opening_quote(datasets, code_tok):
+    ds = datasets[("code_quotes", "heldout")]
+    for i in range(N):
+        quote = decode(code_tok, [ds.answers[i]])
+        assert quote in ("'", '"') and decode(code_tok, [ds.wrong_answers[i]]) != quote
+        pos = ds.metadata[i]["open_pos"]
+        assert decode(code_tok, [ds.clean_tokens[i, pos]]).strip() == quote
+        line = ds.prompts[i].split("\n")[-1].strip()
+        closing = "".join({"(": ")", "[": "]"}.get(c, "") for c in line)
+        colon = ": pass" if line.startswith("if") else ""
+        compile(f"def _():\n    {line}{quote}{closing}{colon}\n", "<task>", "exec")
+        assert ds.corrupted_prompts[i].count(quote) == ds.prompts[i].count(quote) - 1
+    assert {m["quote"] for m in ds.metadata} == {"single", "double"}
+
+
+def test_code_tasks_name_the_token_a_storyworld_tokenizer_splits(tok):
+    with pytest.raises(InterplabError, match=r"code_tokenizer\(\)"):
+        tasks.code_quotes(tok, n=4)
 
 
 def test_facts_answers_agree_with_the_knowledge_base(datasets, tok):
@@ -275,9 +347,9 @@ def test_unknown_task_and_options(tok):
 
 @pytest.mark.parametrize("name", sorted(TASKS))
 @pytest.mark.parametrize("n", [0, -3])
-def test_n_must_be_positive(name, n, tok):
+def test_n_must_be_positive(name, n, toks):
     with pytest.raises(InterplabError, match="n must be a positive int"):
-        get_task(name, tok, n=n)
+        get_task(name, toks[name], n=n)
 
 
 def test_a_tokenizer_that_splits_a_needed_word_is_rejected():

@@ -124,6 +124,20 @@ def storyworld_tokenizer(n_docs: int = 2000, vocab_size: int = 4096, seed: int =
     return build_tokenizer(texts, vocab_size)
 
 
+def code_tokenizer(n_files: int | None = None, vocab_size: int = 4096, seed: int = 0) -> Tokenizer:
+    """A tokenizer trained on the installed Python standard library (`PythonSourceCorpus`),
+    or on its first `n_files` files in seeded order. Every bracket and quote is its own
+    token (the pre-tokenizer isolates punctuation), which the code tasks rely on."""
+    from itertools import islice
+
+    from interplab.data.corpus.sources import PythonSourceCorpus
+
+    if n_files is not None and n_files <= 0:
+        raise InterplabError(f"n_files must be > 0 or None, got {n_files}")
+    texts = PythonSourceCorpus().documents(seed=seed)
+    return build_tokenizer(islice(texts, n_files), vocab_size, required=[])
+
+
 def save_tokenizer(tokenizer: Tokenizer, path: str | os.PathLike) -> Path:
     """Write `tokenizer.json` (atomically) into directory `path`, or to `path` if it ends in .json."""
     path = Path(path)

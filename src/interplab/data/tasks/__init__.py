@@ -6,6 +6,7 @@ where `tokenizer` is a transformers tokenizer, a `tokenizers.Tokenizer`, or a mo
 `.tokenizer`. Prompts are built from the storyworld lexicon and templates, so a model
 trained on storyworld sees them in distribution; `split="heldout"` (the default) uses
 phrasings that never occur in storyworld training text, where the task has them.
+`code_brackets` and `code_quotes` are Python lines instead, for code models.
 See `base` for the BOS and padding conventions.
 
     ds = interplab.tasks.ioi(model, n=256, seed=0)
@@ -20,6 +21,7 @@ from typing import Any
 
 from interplab.data.tasks.base import TaskDataset, TokenizerView
 from interplab.data.tasks.brackets import brackets
+from interplab.data.tasks.code import code_brackets, code_quotes
 from interplab.data.tasks.facts import facts
 from interplab.data.tasks.greater_than import greater_than
 from interplab.data.tasks.induction import induction, repeated_tokens
@@ -38,6 +40,8 @@ TASKS: dict[str, Callable[..., TaskDataset]] = {
     "brackets": brackets,
     "facts": facts,
     "pronouns": pronouns,
+    "code_brackets": code_brackets,
+    "code_quotes": code_quotes,
 }
 """Task name -> dataset builder."""
 
@@ -54,6 +58,8 @@ __all__ = [
     "TaskDataset",
     "TokenizerView",
     "brackets",
+    "code_brackets",
+    "code_quotes",
     "day_offset",
     "facts",
     "get_task",

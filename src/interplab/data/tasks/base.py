@@ -198,15 +198,18 @@ class TokenizerView:
             return self.tokenizer.get_vocab_size()
         return len(self.tokenizer)
 
-    def single(self, word: str, role: str, task: str) -> int:
-        """The id of `word` if it is exactly one token; else an InterplabError naming the split."""
+    def single(
+        self, word: str, role: str, task: str, suggest: str = "storyworld_tokenizer()"
+    ) -> int:
+        """The id of `word` if it is exactly one token; else an InterplabError naming the split
+        and suggesting the `interplab.data.corpus.tokenizer` function `suggest`."""
         ids = self.encode(word)
         if len(ids) != 1:
             pieces = [self.piece(i) for i in ids]
             raise InterplabError(
                 f"task {task!r} needs the {role} {word!r} as a single token, but this tokenizer "
                 f"splits it into {pieces} (ids {ids}). Use a tokenizer that keeps it whole, e.g. "
-                "interplab.data.corpus.tokenizer.storyworld_tokenizer()."
+                f"interplab.data.corpus.tokenizer.{suggest}."
             )
         return ids[0]
 

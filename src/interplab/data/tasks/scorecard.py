@@ -7,6 +7,10 @@ dataset built from held-out templates/phrasings (`split="heldout"`):
   that logit difference (the usual IOI metric, Wang et al. 2022).
 - `successor:*`, `day_offset`, `month_offset`, `brackets`, `facts`: top-1 accuracy over the
   whole vocabulary, plus the logit difference against the task's contrast token.
+- `code_brackets`, `code_quotes` (Python, for code models): closer accuracy = fraction
+  whose right closer (or quote) out-scores every other closer; the logit difference against
+  the best other closer; top-1 accuracy over the whole vocabulary as an extra. Other tokens
+  (`,`, `.attr`) are legal continuations there, so top-1 is not the target.
 - `greater_than`: probability mass (softmax over the whole vocabulary) on the valid later
   two-digit years, and the same mass normalised over the 100 year tokens (Hanna et al. 2023
   report the latter as probability difference).
@@ -144,6 +148,13 @@ def _score_greater_than(name: str, logits: Tensor, ds: TaskDataset) -> Phenomeno
     )
 
 
+def _score_closers(name: str, logits: Tensor, ds: TaskDataset) -> PhenomenonScore:
+    score = _score_pairwise(name, logits, ds)
+    score.metric = "closer accuracy"
+    score.extra = {"top1_accuracy": (logits.argmax(dim=1) == ds.answers).float().mean().item()}
+    return score
+
+
 # phenomenon -> (task name, task options, scorer)
 PHENOMENA: dict[str, tuple[str, dict[str, Any], Callable[..., PhenomenonScore]]] = {
     "ioi": ("ioi", {}, _score_pairwise),
@@ -157,7 +168,15 @@ PHENOMENA: dict[str, tuple[str, dict[str, Any], Callable[..., PhenomenonScore]]]
     "brackets": ("brackets", {}, _score_top1),
     "facts": ("facts", {}, _score_top1),
     "pronouns": ("pronouns", {}, _score_pairwise),
+    "code_brackets": ("code_brackets", {}, _score_closers),
+    "code_quotes": ("code_quotes", {}, _score_closers),
 }
+
+CODE_PHENOMENA = ("code_brackets", "code_quotes")
+"""Phenomena of Python code (for `code-4l`); the others are storyworld's."""
+
+DEFAULT_PHENOMENA = [p for p in PHENOMENA if p not in CODE_PHENOMENA] + ["induction"]
+"""What `scorecard` scores when not told: every storyworld phenomenon and induction."""
 
 
 def word_repeats(model: Any, n: int, seq_len: int, seed: int) -> Tensor | None:
@@ -221,8 +240,9 @@ def scorecard(
     batch_size: int = 64,
     name: str = "model",
 ) -> Scorecard:
-    """Score `model` on each phenomenon (all of `PHENOMENA` plus 'induction' by default)."""
-    names = phenomena or [*PHENOMENA, "induction"]
+    """Score `model` on each phenomenon (`DEFAULT_PHENOMENA`: the storyworld ones and
+    'induction', by default)."""
+    names = phenomena or DEFAULT_PHENOMENA
     rows = []
     for phenomenon in names:
         if phenomenon == "induction":

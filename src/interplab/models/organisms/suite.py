@@ -130,7 +130,7 @@ SUITE: dict[str, OrganismSpec] = {
             eval_every=500,
             checkpoint_every=250,
         ),
-        phenomena=["induction"],
+        phenomena=["code_brackets", "code_quotes", "induction"],
     ),
 }
 
@@ -146,10 +146,7 @@ def _tokenizer(spec: OrganismSpec) -> Any:
 
     if spec.corpus == "storyworld":
         return tok.to_hf_tokenizer(tok.storyworld_tokenizer(n_docs=2000, vocab_size=4096, seed=0))
-    from interplab.data.corpus import PythonSourceCorpus
-
-    texts = PythonSourceCorpus().documents(seed=0)
-    return tok.to_hf_tokenizer(tok.build_tokenizer(texts, vocab_size=4096, required=[]))
+    return tok.to_hf_tokenizer(tok.code_tokenizer(vocab_size=4096, seed=0))
 
 
 def _corpus(spec: OrganismSpec, seed: int) -> Any:

@@ -29,6 +29,11 @@ share a forward pass too; `max_batch` bounds the rows per pass. Two exact shortc
     < p (a HuggingFace KV cache) and compute positions >= p only. This is used when a split
     forward pass reproduces the full one (checked once per sweep; native toy models without
     a KV cache fall back to full passes).
+  * after the last block's MLP nothing mixes positions, so with a task metric that MLP runs
+    on the answer rows only (for sites that come before it; checked once per sweep).
+  * blocks before the first one a patch touches are identical to the base run too, so a
+    pass for sites in block L skips blocks < L (they return their input) and feeds block L
+    the base run's residual stream. Also checked once per sweep against a full pass.
 Positions after the last answer position therefore report the unpatched base value, which is
 also what a full forward pass gives. Results equal TransformerLens's one-forward-per-site
 `transformer_lens.patching` functions to float32 rounding (tests check <= 1e-5).
@@ -36,9 +41,10 @@ also what a full forward pass gives. Results equal TransformerLens's one-forward
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
@@ -94,6 +100,9 @@ _HOOK: dict[str, str] = {
     "mlp_post": "blocks.{layer}.mlp.hook_post",
 }
 """Component -> hook name template."""
+
+_AFTER_MLP_IN = ("mlp_pre", "mlp_post", "mlp_out", "resid_post")
+"""Components whose hook fires after (or inside) the MLP of their block."""
 
 _RESID = ("pos", "d_model")
 _HEADS = ("pos", "head", "d_head")
@@ -238,8 +247,12 @@ class _Scorer:
         self.metric = metric
         self.batch = batch
         self.narrow = isinstance(metric, TaskMetric) and "unembed.hook_in" in model.hook_dict
+        last_mlp = f"blocks.{model.cfg.n_layers - 1}.mlp.hook_in"
+        self.last_mlp = last_mlp if self.narrow and last_mlp in model.hook_dict else None
 
-    def hooks(self, n: int, offset: int = 0) -> list[tuple[str, Callable]]:
+    def hooks(self, n: int, offset: int = 0, last_mlp: bool = False) -> list[tuple[str, Callable]]:
+        """Hooks that keep the answer rows only: at the unembedding input, and with
+        `last_mlp` at the last block's MLP input too (see `check_last_mlp`)."""
         if not self.narrow:
             return []
         assert isinstance(self.metric, TaskMetric)
@@ -249,7 +262,29 @@ class _Scorer:
             index = torch.arange(x.shape[0], device=x.device)
             return x[index, rows.to(x.device)][:, None]
 
-        return [("unembed.hook_in", keep_answer_rows)]
+        hooks = [("unembed.hook_in", keep_answer_rows)]
+        if last_mlp and self.last_mlp is not None:
+            hooks.append((self.last_mlp, keep_answer_rows))
+        return hooks
+
+    def check_last_mlp(self, model: Any, tokens: Tensor, values: Tensor) -> bool:
+        """Whether the last block's MLP may run on the answer rows only.
+
+        Nothing after that MLP mixes positions, so its output is needed at the answer rows
+        alone; given a [batch, 1, d_model] output, the block's residual addition broadcasts
+        and the answer rows come out exact (the other rows are wrong and never read). Checked
+        once against `values` of a full run, as a block that does not add its MLP output to
+        the residual would break it."""
+        if self.last_mlp is None:
+            return False
+        try:
+            with model.hooks(fwd_hooks=self.hooks(1, 0, last_mlp=True)):
+                logits = model(tokens)
+            narrowed = self.values(logits, 1)[0]
+        except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
+            return False
+        tolerance = 1e-4 * (1.0 + float(values.abs().max()))
+        return narrowed.shape == values.shape and bool((narrowed - values).abs().max() <= tolerance)
 
     def values(
         self,
@@ -348,6 +383,69 @@ class _Prefix:
         return cache
 
 
+class _LayerSkip:
+    """Forward passes that start at block L: blocks < L return their input unchanged (their
+    forward is swapped for a passthrough for the pass) and a hook on block L's input puts
+    the base run's residual stream there. Enabled only for models whose blocks are
+    `model.blocks` and when a skipped pass reproduces a full one (checked once)."""
+
+    def __init__(self, model: Any, base_tokens: Tensor, resid_pre: list[Tensor] | None) -> None:
+        self.model = model
+        self.resid_pre = resid_pre
+        self.blocks = getattr(model, "blocks", None)
+        self.enabled = (
+            resid_pre is not None
+            and isinstance(self.blocks, torch.nn.ModuleList)
+            and len(self.blocks) == len(resid_pre) > 1
+            and self._reproduces_full_run(base_tokens)
+        )
+
+    def _reproduces_full_run(self, tokens: Tensor) -> bool:
+        assert self.resid_pre is not None
+        last = len(self.resid_pre) - 1
+        try:
+            full = self.model(tokens)
+            with self.model.hooks(fwd_hooks=self.hooks(last, 1, 0)), self.skipping(last):
+                skipped = self.model(tokens)
+        except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
+            return False
+        if skipped.shape != full.shape:
+            return False
+        tolerance = 1e-4 * (1.0 + float(full.abs().max()))
+        return bool((skipped - full).abs().max() <= tolerance)
+
+    def hooks(self, block: int, n: int, start: int) -> list[tuple[str, Callable]]:
+        """The hook that feeds block `block` the base residual (positions >= `start`, `n`
+        stacked copies); put it before any patch hook on the same point."""
+        assert self.resid_pre is not None
+        resid = self.resid_pre[block][:, start:].repeat(n, 1, 1)
+
+        def inject(act: Tensor, hook: Any) -> Tensor:
+            return resid.to(act.dtype)
+
+        return [(f"blocks.{block}.hook_resid_pre", inject)]
+
+    @contextlib.contextmanager
+    def skipping(self, block: int) -> Iterator[None]:
+        """Blocks < `block` pass their input through for the duration."""
+        assert self.blocks is not None
+        swapped = list(self.blocks)[:block]
+        # straight into the instance dict: bridge components forward attribute writes to the
+        # wrapped module, which would leave the swap behind
+        for module in swapped:
+            module.__dict__["forward"] = _passthrough
+        try:
+            yield
+        finally:
+            for module in swapped:
+                module.__dict__.pop("forward", None)
+
+
+def _passthrough(*args: Any, **kwargs: Any) -> Any:
+    """A skipped block: its hidden-state input, as the block's output."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
 # ------------------------------------------------------------------ the sweep
 def _site_masks(
     layout: tuple[str, ...],
@@ -396,14 +494,25 @@ def _site_plan(
     return by_pos.any(-1), by_pos.int().argmax(-1)  # argmax: the first True
 
 
-def _chunks(starts: Tensor, copies: int) -> list[tuple[int, int, int]]:
-    """(begin, end, start position) runs of jobs sorted by start, at most `copies` long."""
+def _chunks(
+    starts: Tensor, blocks: Tensor, copies: int, min_copies: int
+) -> list[tuple[int, int, int, int]]:
+    """(begin, end, start position, first block) runs of jobs sorted by (start, block): at
+    most `copies` jobs of one start position each. A run ends where the block changes once it
+    holds `min_copies` jobs, so that large sweeps skip more blocks while small ones still
+    share forward passes; a run's first block is that of its first job."""
     out = []
     begin = 0
     values, counts = torch.unique_consecutive(starts, return_counts=True)
     for start, count in zip(values.tolist(), counts.tolist(), strict=True):
-        for offset in range(0, count, copies):
-            out.append((begin + offset, begin + min(offset + copies, count), start))
+        run = blocks[begin : begin + count].tolist()
+        first = 0
+        for i in range(1, count + 1):
+            full = i - first == copies
+            new_block = i < count and run[i] != run[i - 1] and i - first >= min_copies
+            if i == count or full or new_block:
+                out.append((begin + first, begin + i, start, run[first]))
+                first = i
         begin += count
     return out
 
@@ -421,7 +530,14 @@ def _sweep(
     scorer: _Scorer,
     max_batch: int,
     progress: bool,
+    blocks: list[int] | None = None,
+    resid_pre: list[Tensor] | None = None,
+    before_last_mlp: list[bool] | None = None,
 ) -> Float[Tensor, "layer sites batch"]:
+    """Metric values of every patched site. `blocks[i]` is the block that hook `names[i]`
+    lives in and `resid_pre[b]` the base run's input to block b (both None: no block
+    skipping). `before_last_mlp[i]`: hook `names[i]` fires before the last block's MLP input,
+    so passes patching only such hooks may run that MLP on the answer rows alone."""
     batch = base_tokens.shape[0]
     first = base_acts[names[0]]
     sizes = tuple(first.shape[1 + layout.index(axis)] for axis in over)
@@ -435,25 +551,39 @@ def _sweep(
     prefix = _Prefix(model, base_tokens) if bool((starts > 0).any()) else None
     if prefix is None or not prefix.enabled:
         starts = torch.zeros_like(starts)
-    order = torch.sort(starts, stable=True).indices
-    jobs, starts = jobs[order].to(device), starts[order]
+    job_blocks = torch.zeros_like(starts)
+    skip = None
+    if blocks is not None and max(blocks) > 0:
+        skip = _LayerSkip(model, base_tokens, resid_pre)
+        if skip.enabled:
+            job_blocks = torch.tensor(blocks)[jobs[:, 0].cpu()].to(starts)
+    order = torch.argsort(starts * (1 + max(blocks or [0])) + job_blocks, stable=True)
+    jobs, starts, job_blocks = jobs[order].to(device), starts[order], job_blocks[order]
     out = base_values.to(device).expand(len(names), n_sites, batch).clone()
-    plan = _chunks(starts, max(1, max_batch // batch))
+    copies = max(1, max_batch // batch)
+    plan = _chunks(starts, job_blocks, copies, min_copies=max(1, copies // 4))
+    early = torch.tensor(before_last_mlp or [False] * len(names), device=device)
+    if bool(early.any()) and not scorer.check_last_mlp(model, base_tokens, base_values):
+        early[:] = False
     if progress:
         from tqdm.auto import tqdm
 
         plan = tqdm(plan, desc="patching", unit="pass")
     pos_dim = layout.index("pos")
-    for begin, end, start in plan:
+    for begin, end, start, block in plan:
         chunk = jobs[begin:end]
         n = chunk.shape[0]
         hooks = []
+        skipping = contextlib.nullcontext()
+        if block and skip is not None:
+            hooks, skipping = skip.hooks(block, n, start), skip.skipping(block)
         for layer_index in chunk[:, 0].unique().tolist():
             name = names[layer_index]
             mask = _site_masks(layout, over, sizes, chunk[:, 1], chunk[:, 0] == layer_index)
             hooks.append((name, _patch_hook(mask, source_acts[name], n, start, pos_dim)))
         kwargs = {"past_key_values": prefix.cache_for(start, n)} if start and prefix else {}
-        with model.hooks(fwd_hooks=hooks + scorer.hooks(n, start)):
+        last_mlp = bool(early[chunk[:, 0]].all())
+        with model.hooks(fwd_hooks=hooks + scorer.hooks(n, start, last_mlp)), skipping:
             logits = model(base_tokens[:, start:].repeat(n, 1), **kwargs)
         values = scorer.values(logits, n, start, base_logits, base_values)
         out[chunk[:, 0], chunk[:, 1]] = values.to(out.dtype)
@@ -579,12 +709,17 @@ def patch_tokens(
 
     batch = clean_tokens.shape[0]
     scorer = _Scorer(model, metric, batch)
+    # the base run's block inputs let passes for later blocks skip the earlier ones
+    resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
+    if not all(name in model.hook_dict for name in resid_names):
+        resid_names = []
+    captured = list(dict.fromkeys(names + resid_names))
     with torch.inference_mode():
         clean_acts, clean_values, clean_logits = _capture_and_score(
-            model, clean_tokens, names, scorer
+            model, clean_tokens, captured, scorer
         )
         corrupted_acts, corrupted_values, corrupted_logits = _capture_and_score(
-            model, corrupted_tokens, names, scorer
+            model, corrupted_tokens, captured, scorer
         )
         if direction == "denoise":
             base_tokens, base_acts, source_acts = corrupted_tokens, corrupted_acts, clean_acts
@@ -605,6 +740,11 @@ def patch_tokens(
             scorer,
             max_batch,
             progress,
+            blocks=layers if resid_names else None,
+            resid_pre=[base_acts[name] for name in resid_names] if resid_names else None,
+            before_last_mlp=[
+                layer < n_layers - 1 or component not in _AFTER_MLP_IN for layer in layers
+            ],
         )
     if "pos" in over and clean_tokens.shape[1] < full_width:
         per_example = _pad_positions(per_example, over.index("pos") + 1, full_width, base_values)

@@ -140,6 +140,17 @@ def test_universality_roles_shared_by_related_models(universality_run):
     assert all(layers and min(layers) >= 1 for layers in induction["layers"].values())
     # a LayerNorm-free fine-tune keeps its base model's induction heads in place
     assert induction["same_heads"]
+    # chance level of shared heads: per layer, n_heads * prod over models of k_m / n_heads
+    n_heads = 4
+    for role, universal in data["universal"].items():
+        row = data["table"][role]
+        expected = 0.0
+        for layer in {int(h[1]) for heads in row.values() for h in heads}:
+            share = 1.0
+            for heads in row.values():
+                share *= sum(h.startswith(f"L{layer}H") for h in heads) / n_heads
+            expected += n_heads * share
+        assert universal["shared_by_chance"] == pytest.approx(expected)
     table = data["table"]
     assert set(table) == {
         "previous-token",

@@ -175,17 +175,35 @@ def role_table(studies: dict[str, ModelStudy]) -> dict[str, dict[str, list[str]]
 
 
 def universality(studies: dict[str, ModelStudy]) -> dict[str, dict[str, Any]]:
-    """Per role: whether every model has it, the layers it sits at per model, and the heads
-    (layer, head) that have it in every model."""
+    """Per role: whether every model has it, the layers it sits at per model, the heads
+    (layer, head) that have it in every model, and how many such shared heads chance alone
+    gives (`shared_by_chance`).
+
+    Head indices within a layer are arbitrary (permuting heads gives the same function), so
+    the null keeps each model's number of role heads per layer and draws which ones at
+    random: a head index is shared by all models with probability prod_m(k_m / n_heads),
+    summed over the layer's heads and over layers. Shared heads at about that number say
+    nothing about universality of the index; the layer is what can be compared.
+    """
     out = {}
+    n_heads = {name: study.shape[1] for name, study in studies.items()}
     for role, row in role_table(studies).items():
         layers = {m: sorted({int(h[1:].split("H")[0]) for h in heads}) for m, heads in row.items()}
         common = set.intersection(*(set(heads) for heads in row.values())) if row else set()
+        chance = 0.0
+        if row and len(set(n_heads.values())) == 1:
+            heads = next(iter(n_heads.values()))
+            for layer in set.union(*(set(v) for v in layers.values())):
+                share = 1.0
+                for labels in row.values():
+                    share *= sum(h.startswith(f"L{layer}H") for h in labels) / heads
+                chance += heads * share
         out[role] = {
             "in_every_model": all(row.values()),
             "n_models": sum(bool(h) for h in row.values()),
             "layers": layers,
             "same_heads": sorted(common),
+            "shared_by_chance": chance,
         }
     return out
 
@@ -209,7 +227,9 @@ def _universal_text(universal: dict[str, dict[str, Any]], models: list[str]) -> 
             + "; ".join(f"{m}: {', '.join(map(str, v)) or '-'}" for m, v in u["layers"].items())
         )
         same = (
-            f"; the same heads in every model: {', '.join(u['same_heads'])}"
+            f"; the same heads in every model: {', '.join(u['same_heads'])} "
+            f"({len(u['same_heads'])} shared; {u['shared_by_chance']:.2f} expected by chance "
+            "with head indices drawn at random)"
             if u["same_heads"] and u["in_every_model"]
             else ""
         )

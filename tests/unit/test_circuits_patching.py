@@ -214,8 +214,9 @@ def test_batch_size_does_not_change_results(model, task):
 
 
 def test_block_skipping_and_answer_row_mlp_are_used_and_undone(model, task, monkeypatch):
-    """The shortcuts the TransformerLens comparisons run through are really taken on GPT-2
-    and Llama bridges (not silently turned off), and leave no block patched afterwards."""
+    """The shortcuts the TransformerLens comparisons run through (skipped blocks, the last
+    MLP on answer rows, a point site's MLP on its own row) are really taken on GPT-2 and
+    Llama bridges (not silently turned off), and leave no block patched afterwards."""
     from interplab.circuits import patching
 
     n_layers = model.cfg.n_layers
@@ -226,6 +227,10 @@ def test_block_skipping_and_answer_row_mlp_are_used_and_undone(model, task, monk
     assert patching._LayerSkip(model, base, resid).enabled
     scorer = patching._Scorer(model, metric, base.shape[0])
     assert scorer.check_last_mlp(model, base, metric(model(base)[None])[0])
+    outputs = [cache[f"blocks.{layer}.hook_resid_post"] for layer in range(n_layers)]
+    point = patching._PointSites(model, outputs)
+    assert all(point.check(base, layer, model(base)) for layer in range(n_layers - 1))
+    assert not point.check(base, 0, model(base) + 1.0)
 
     skipped_from = []
     original = patching._LayerSkip.skipping

@@ -31,6 +31,9 @@ share a forward pass too; `max_batch` bounds the rows per pass. Two exact shortc
     a KV cache fall back to full passes).
   * after the last block's MLP nothing mixes positions, so with a task metric that MLP runs
     on the answer rows only (for sites that come before it; checked once per sweep).
+  * a head's z, q or result (or attn_out) patched at one position p changes only position
+    p of its block's output, so that block's MLP runs on row p only and its other output
+    rows are the base run's (checked once per block).
   * blocks before the first one a patch touches are identical to the base run too, so a
     pass for sites in block L skips blocks < L (they return their input) and feeds block L
     the base run's residual stream. Also checked once per sweep against a full pass.
@@ -103,6 +106,10 @@ _HOOK: dict[str, str] = {
 
 _AFTER_MLP_IN = ("mlp_pre", "mlp_post", "mlp_out", "resid_post")
 """Components whose hook fires after (or inside) the MLP of their block."""
+
+_POINT = ("z", "q", "result", "attn_out")
+"""Components whose patch at one position changes only that position of their block's
+attention output (a key or value would change every later query's)."""
 
 _RESID = ("pos", "d_model")
 _HEADS = ("pos", "head", "d_head")
@@ -446,6 +453,58 @@ def _passthrough(*args: Any, **kwargs: Any) -> Any:
     return args[0] if args else kwargs["hidden_states"]
 
 
+class _PointSites:
+    """For sites that change one position p of their block before its MLP (a head's z, q or
+    result, or attn_out, at one position): the block's MLP runs on row p only, and the
+    block's other output rows are the base run's, which such a patch cannot change.
+
+    A hook on the block's MLP input keeps row p of each copy ([rows, 1, d_model]); the
+    block's residual addition broadcasts it, so row p of the block output is exact and the
+    other rows, wrong, are replaced from `resid_post` (the base run's block outputs) by a
+    hook on `hook_resid_post`. Checked once against a full pass."""
+
+    def __init__(self, model: Any, resid_post: list[Tensor] | None) -> None:
+        self.model = model
+        self.resid_post = resid_post
+
+    def hooks(self, block: int, rows: Tensor, n: int, start: int) -> list[tuple[str, Callable]]:
+        """Hooks for a pass over positions >= `start` of `n` stacked copies whose site sits at
+        row `rows[i]` (relative to `start`) of pass row i."""
+        assert self.resid_post is not None
+        base = self.resid_post[block][:, start:].repeat(n, 1, 1)
+        index = torch.arange(rows.shape[0], device=rows.device)
+        keep = torch.arange(base.shape[1], device=rows.device)[None, :] == rows[:, None]
+
+        def mlp_row(x: Tensor, hook: Any) -> Tensor:
+            return x[index, rows][:, None]
+
+        def restore(x: Tensor, hook: Any) -> Tensor:
+            return torch.where(keep[..., None], x, base.to(x.dtype))
+
+        return [
+            (f"blocks.{block}.mlp.hook_in", mlp_row),
+            (f"blocks.{block}.hook_resid_post", restore),
+        ]
+
+    def check(self, tokens: Tensor, block: int, logits: Tensor) -> bool:
+        """Whether narrowing block `block` reproduces `logits` of the unpatched run."""
+        if self.resid_post is None:
+            return False
+        names = (f"blocks.{block}.mlp.hook_in", f"blocks.{block}.hook_resid_post")
+        if not all(name in self.model.hook_dict for name in names):
+            return False
+        rows = torch.full((tokens.shape[0],), tokens.shape[1] // 2, device=tokens.device)
+        try:
+            with self.model.hooks(fwd_hooks=self.hooks(block, rows, 1, 0)):
+                narrowed = self.model(tokens)
+        except (TypeError, ValueError, AttributeError, NotImplementedError, RuntimeError):
+            return False
+        if narrowed.shape != logits.shape:
+            return False
+        tolerance = 1e-4 * (1.0 + float(logits.abs().max()))
+        return bool((narrowed - logits).abs().max() <= tolerance)
+
+
 # ------------------------------------------------------------------ the sweep
 def _site_masks(
     layout: tuple[str, ...],
@@ -533,11 +592,13 @@ def _sweep(
     blocks: list[int] | None = None,
     resid_pre: list[Tensor] | None = None,
     before_last_mlp: list[bool] | None = None,
+    point: _PointSites | None = None,
 ) -> Float[Tensor, "layer sites batch"]:
     """Metric values of every patched site. `blocks[i]` is the block that hook `names[i]`
     lives in and `resid_pre[b]` the base run's input to block b (both None: no block
     skipping). `before_last_mlp[i]`: hook `names[i]` fires before the last block's MLP input,
-    so passes patching only such hooks may run that MLP on the answer rows alone."""
+    so passes patching only such hooks may run that MLP on the answer rows alone. `point`:
+    the sites change one position of their block (see `_PointSites`); None = they may not."""
     batch = base_tokens.shape[0]
     first = base_acts[names[0]]
     sizes = tuple(first.shape[1 + layout.index(axis)] for axis in over)
@@ -548,6 +609,7 @@ def _sweep(
     start_at = torch.stack([first.reshape(-1) for _, first in plans])
     jobs = todo.nonzero()  # [n_jobs, 2]: (layer index, site index)
     starts = start_at[jobs[:, 0], jobs[:, 1]]
+    site_pos = starts.clone()  # for point sites, the one position they change
     prefix = _Prefix(model, base_tokens) if bool((starts > 0).any()) else None
     if prefix is None or not prefix.enabled:
         starts = torch.zeros_like(starts)
@@ -559,6 +621,10 @@ def _sweep(
             job_blocks = torch.tensor(blocks)[jobs[:, 0].cpu()].to(starts)
     order = torch.argsort(starts * (1 + max(blocks or [0])) + job_blocks, stable=True)
     jobs, starts, job_blocks = jobs[order].to(device), starts[order], job_blocks[order]
+    site_pos = site_pos[order].to(device)
+    site_blocks = torch.tensor(blocks or [0] * len(names), device=device)[jobs[:, 0]]
+    last_block = len(resid_pre) - 1 if resid_pre else -1
+    point_ok: dict[int, bool] = {}
     out = base_values.to(device).expand(len(names), n_sites, batch).clone()
     copies = max(1, max_batch // batch)
     plan = _chunks(starts, job_blocks, copies, min_copies=max(1, copies // 4))
@@ -581,6 +647,14 @@ def _sweep(
             name = names[layer_index]
             mask = _site_masks(layout, over, sizes, chunk[:, 1], chunk[:, 0] == layer_index)
             hooks.append((name, _patch_hook(mask, source_acts[name], n, start, pos_dim)))
+        chunk_blocks = site_blocks[begin:end].unique().tolist()
+        site_block = chunk_blocks[0] if len(chunk_blocks) == 1 else -1
+        if point is not None and 0 <= site_block < last_block:
+            if site_block not in point_ok:
+                point_ok[site_block] = point.check(base_tokens, site_block, base_logits)
+            if point_ok[site_block]:
+                rows = (site_pos[begin:end] - start).repeat_interleave(batch)
+                hooks += point.hooks(site_block, rows, n, start)
         kwargs = {"past_key_values": prefix.cache_for(start, n)} if start and prefix else {}
         last_mlp = bool(early[chunk[:, 0]].all())
         with model.hooks(fwd_hooks=hooks + scorer.hooks(n, start, last_mlp)), skipping:
@@ -713,7 +787,12 @@ def patch_tokens(
     resid_names = [f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers)]
     if not all(name in model.hook_dict for name in resid_names):
         resid_names = []
-    captured = list(dict.fromkeys(names + resid_names))
+    # and its block outputs let a site that changes one position run its block's MLP there only
+    point_names = [f"blocks.{layer}.hook_resid_post" for layer in range(n_layers)]
+    usable = all(name in model.hook_dict for name in point_names)
+    if component not in _POINT or "pos" not in over or not resid_names or not usable:
+        point_names = []
+    captured = list(dict.fromkeys(names + resid_names + point_names))
     with torch.inference_mode():
         clean_acts, clean_values, clean_logits = _capture_and_score(
             model, clean_tokens, captured, scorer
@@ -745,6 +824,11 @@ def patch_tokens(
             before_last_mlp=[
                 layer < n_layers - 1 or component not in _AFTER_MLP_IN for layer in layers
             ],
+            point=(
+                _PointSites(model, [base_acts[name] for name in point_names])
+                if point_names
+                else None
+            ),
         )
     if "pos" in over and clean_tokens.shape[1] < full_width:
         per_example = _pad_positions(per_example, over.index("pos") + 1, full_width, base_values)

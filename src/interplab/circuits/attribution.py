@@ -50,9 +50,6 @@ from torch import Tensor
 
 from interplab.circuits.metrics import Estimate, TaskMetric, check_task, model_device
 from interplab.circuits.patching import (
-    _HOOK,
-    _LAYOUT,
-    COMPONENTS,
     DIRECTIONS,
     Axis,
     Component,
@@ -63,6 +60,8 @@ from interplab.circuits.patching import (
     _pad_positions,
     _Scorer,
     bind_metric,
+    check_grid,
+    layer_hooks,
     prepare_tokens,
 )
 from interplab.errors import InterplabError, unknown
@@ -303,7 +302,7 @@ def attribute_tokens(
     device: str | torch.device | None = None,
 ) -> AttributionResult:
     """`attribute` on explicit token pairs with a metric object or callable."""
-    layout, over = _check_sites(component, over)
+    layout, over = check_grid(component, over, "attribution")
     if method not in ATTRIBUTION_METHODS:
         raise unknown("attribution method", str(method), ATTRIBUTION_METHODS, show_all=True)
     if direction not in DIRECTIONS:
@@ -325,14 +324,8 @@ def attribute_tokens(
             "attribution patching needs a differentiable metric; 'accuracy' is piecewise "
             "constant. Use 'logit_diff', 'logprob', 'prob' or 'kl'."
         )
-    if not isinstance(max_batch, int) or max_batch <= 0:
-        raise InterplabError(f"max_batch must be a positive int, got {max_batch!r}.")
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    if not layers or any(not 0 <= x < n_layers for x in layers):
-        raise InterplabError(f"layers {layers} must be a non-empty list within 0..{n_layers - 1}.")
-    names = [_HOOK[component].format(layer=layer) for layer in layers]
+    layers, names = layer_hooks(model, component, layers, max_batch)
     qk = qk_fix and component in ("q", "k")
-    check_hook_names(model, names)
 
     device = model_device(model, device)
     clean_tokens, corrupted_tokens, metric, full_width = prepare_tokens(
@@ -473,20 +466,6 @@ def attribute_neurons(
 
 
 # ------------------------------------------------------------------ internals
-def _check_sites(component: str, over: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    if component not in _LAYOUT:
-        raise unknown("attribution component", str(component), COMPONENTS, show_all=True)
-    layout = _LAYOUT[component]
-    over = tuple(over)
-    for axis in over:
-        if axis not in layout or axis in ("d_model", "d_head", "src_pos"):
-            valid = [a for a in layout if a in ("head", "pos", "neuron")]
-            raise unknown(f"axis for component {component!r}", str(axis), valid, show_all=True)
-    if len(set(over)) != len(over):
-        raise InterplabError(f"over={over} repeats an axis; expected each axis at most once.")
-    return layout, over
-
-
 def _reduce(site: Tensor, layout: tuple[str, ...], over: tuple[str, ...]) -> Tensor:
     """[batch, *layout dims] -> [*over, batch]: sum over the dims a site covers."""
     summed = [d + 1 for d, axis in enumerate(layout) if axis not in over]

@@ -754,27 +754,11 @@ def patch_tokens(
     progress: bool = False,
 ) -> PatchingResult:
     """`patch` on explicit token pairs with a metric object or callable (see `patch`)."""
-    if component not in _LAYOUT:
-        raise unknown("patching component", str(component), COMPONENTS, show_all=True)
+    layout, over = check_grid(component, over, "patching")
     if direction not in DIRECTIONS:
         raise unknown("patching direction", str(direction), DIRECTIONS, show_all=True)
-    layout = _LAYOUT[component]
-    over = tuple(over)
-    for axis in over:
-        if axis not in layout or axis in ("d_model", "d_head", "src_pos"):
-            valid = [a for a in layout if a in ("head", "pos", "neuron")]
-            raise unknown(f"axis for component {component!r}", str(axis), valid, show_all=True)
-    if len(set(over)) != len(over):
-        raise InterplabError(f"over={over} repeats an axis; expected each axis at most once.")
-    if not isinstance(max_batch, int) or max_batch <= 0:
-        raise InterplabError(f"max_batch must be a positive int, got {max_batch!r}.")
+    layers, names = layer_hooks(model, component, layers, max_batch)
     n_layers = model.cfg.n_layers
-    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
-    bad = [x for x in layers if not 0 <= x < n_layers]
-    if bad or not layers:
-        raise InterplabError(f"layers {layers} must be a non-empty list within 0..{n_layers - 1}.")
-    names = [_HOOK[component].format(layer=layer) for layer in layers]
-    check_hook_names(model, names)
 
     device = model_device(model, device)
     clean_tokens, corrupted_tokens, metric, full_width = prepare_tokens(
@@ -861,6 +845,40 @@ def patch_tokens(
         clean=clean,
         corrupted=corrupted,
     )
+
+
+def check_grid(
+    component: str, over: Sequence[str], what: str = "patching"
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The layout of `component`'s activation and `over` as a tuple, or an InterplabError
+    naming the unknown component or axis (shared by patching and attribution)."""
+    if component not in _LAYOUT:
+        raise unknown(f"{what} component", str(component), COMPONENTS, show_all=True)
+    layout = _LAYOUT[component]
+    over = tuple(over)
+    for axis in over:
+        if axis not in layout or axis in ("d_model", "d_head", "src_pos"):
+            valid = [a for a in layout if a in ("head", "pos", "neuron")]
+            raise unknown(f"axis for component {component!r}", str(axis), valid, show_all=True)
+    if len(set(over)) != len(over):
+        raise InterplabError(f"over={over} repeats an axis; expected each axis at most once.")
+    return layout, over
+
+
+def layer_hooks(
+    model: Any, component: str, layers: Sequence[int] | None, max_batch: int
+) -> tuple[list[int], list[str]]:
+    """The blocks to sweep (default all) and `component`'s hook name in each, checked against
+    the model; `max_batch` must be a positive int."""
+    if not isinstance(max_batch, int) or max_batch <= 0:
+        raise InterplabError(f"max_batch must be a positive int, got {max_batch!r}.")
+    n_layers = model.cfg.n_layers
+    layers = list(range(n_layers)) if layers is None else [int(x) for x in layers]
+    if not layers or any(not 0 <= x < n_layers for x in layers):
+        raise InterplabError(f"layers {layers} must be a non-empty list within 0..{n_layers - 1}.")
+    names = [_HOOK[component].format(layer=layer) for layer in layers]
+    check_hook_names(model, names)
+    return layers, names
 
 
 def _on_device(metric: TaskMetric, device: torch.device) -> TaskMetric:

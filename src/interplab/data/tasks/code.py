@@ -40,76 +40,24 @@ CODE_BRACKETS: dict[str, tuple[str, str]] = {
 QUOTES: dict[str, str] = {"single": "'", "double": '"'}
 """Quote kind -> character."""
 
+# fmt: off
 _NAMES = [
-    "name",
-    "value",
-    "key",
-    "data",
-    "items",
-    "path",
-    "result",
-    "line",
-    "text",
-    "args",
-    "node",
-    "item",
-    "parts",
-    "index",
-    "count",
-    "size",
-    "obj",
-    "attr",
-    "mode",
-    "prefix",
-    "target",
-    "source",
-    "msg",
-    "level",
-    "token",
-    "fields",
-    "values",
-    "keys",
-    "lines",
-    "buf",
+    "name", "value", "key", "data", "items", "path", "result", "line", "text", "args", "node",
+    "item", "parts", "index", "count", "size", "obj", "attr", "mode", "prefix", "target",
+    "source", "msg", "level", "token", "fields", "values", "keys", "lines", "buf",
 ]
 _CALLEES = [
-    "len",
-    "str",
-    "int",
-    "list",
-    "sorted",
-    "tuple",
-    "repr",
-    "print",
-    "min",
-    "max",
-    "self.get",
-    "self.format",
-    "os.fspath",
-    "self._check",
-    "cls",
+    "len", "str", "int", "list", "sorted", "tuple", "repr", "print", "min", "max", "self.get",
+    "self.format", "os.fspath", "self._check", "cls",
 ]
-_FUNCS = ["get_value", "parse", "update", "render", "process", "handle", "load", "build"]
+_FUNCS = [
+    "get_value", "parse", "update", "render", "process", "handle", "load", "build",
+]
 _WORDS = [
-    "utf-8",
-    "name",
-    "value",
-    "ascii",
-    "default",
-    "strict",
-    "read",
-    "write",
-    "error",
-    "ignore",
-    "replace",
-    "path",
-    "key",
-    "data",
-    "type",
-    "none",
-    "true",
-    "false",
+    "utf-8", "name", "value", "ascii", "default", "strict", "read", "write", "error", "ignore",
+    "replace", "path", "key", "data", "type", "none", "true", "false",
 ]
+# fmt: on
 
 # (lines before, indentation of the scored line)
 _CONTEXTS = (
